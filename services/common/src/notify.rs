@@ -1,0 +1,86 @@
+//! systemd's notify protocol: `READY=1` once the readiness checks hold,
+//! `STATUS=` saying what the service waits for, `WATCHDOG=1` only while the
+//! service is live, `STOPPING=1` on shutdown. Outside systemd (no
+//! `NOTIFY_SOCKET`) every call is a no-op.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use crate::Health;
+
+/// How often a changed `STATUS=` reason is passed on at the latest.
+const STATUS_REFRESH: Duration = Duration::from_secs(1);
+
+/// Sends notifications to the service manager.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Notifier;
+
+impl Notifier {
+    fn send(&self, states: &[NotifyState<'_>]) {
+        if let Err(e) = sd_notify::notify(states) {
+            tracing::warn!(error = %e, "sd_notify failed");
+        }
+    }
+
+    pub fn status(&self, status: &str) {
+        self.send(&[NotifyState::Status(status)]);
+    }
+
+    pub fn ready(&self, status: &str) {
+        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
+    }
+
+    pub fn stopping(&self) {
+        self.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    }
+
+    /// Follows `health`: sends `STATUS=waiting for …` while it is not ready,
+    /// `READY=1` the first time it is (and `STATUS=` on every later change),
+    /// and `WATCHDOG=1` at half the `WatchdogSec=` interval while it is live.
+    /// Ends when `shutdown` is cancelled.
+    pub async fn follow(self, health: Health, service: &str, shutdown: CancellationToken) {
+        let watchdog = sd_notify::watchdog_enabled();
+        let mut ready_rx = health.ready_watch();
+        let mut sent_ready = false;
+        let mut last_status = String::new();
+        let mut tick = tokio::time::interval(
+            watchdog
+                .map(|d| d / 2)
+                .unwrap_or(STATUS_REFRESH)
+                .clamp(Duration::from_millis(10), STATUS_REFRESH),
+        );
+        loop {
+            let status = match health.first_failure() {
+                None if health.is_ready() => format!("{service} ready"),
+                None => format!("{service} starting"),
+                Some((check, why)) => format!("waiting for {check}: {why}"),
+            };
+            if health.is_ready() && !sent_ready {
+                sent_ready = true;
+                tracing::info!("{status}");
+                self.ready(&status);
+                last_status = status;
+            } else if status != last_status {
+                tracing::info!(status = %status, "status");
+                self.status(&status);
+                last_status = status;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ready_rx.changed() => {}
+                _ = tick.tick() => {
+                    if watchdog.is_some() {
+                        if health.is_live() {
+                            self.send(&[NotifyState::Watchdog]);
+                        } else {
+                            tracing::warn!("not live: withholding the watchdog ping");
+                        }
+                    }
+                    // Checks' details can change without flipping readiness.
+                }
+            }
+        }
+    }
+}

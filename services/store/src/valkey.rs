@@ -1,0 +1,500 @@
+//! The Valkey backend, in Dapr's own layout so that a Dapr sidecar on the
+//! same Valkey reads and writes the same data:
+//!
+//! - state: one hash per key, `<prefix>||<key>`, fields `data` (the value)
+//!   and `version` (the etag, incremented on every write) — `state.redis`;
+//! - pub/sub: one stream per topic, entries `data <CloudEvent JSON>` added
+//!   with `MAXLEN ~`, consumer groups from `0`, `XACK`, `XAUTOCLAIM` of what
+//!   stays pending too long — `pubsub.redis`.
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::{
+    AsyncConnectionConfig, Client, RedisError, Script, Value,
+    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+};
+
+use crate::{
+    Backend, DeliveryOptions, Result, StateStore, StoreError, StreamPubSub, Versioned,
+    streams::{Entry, StreamReader, Streams},
+};
+
+/// How the Valkey backend connects and lays out its data.
+#[derive(Debug, Clone)]
+pub struct ValkeyOptions {
+    /// `redis://host:port[/db]`, `redis+unix:///path` or `unix:///path`.
+    pub url: String,
+    /// Prefix of state keys; Dapr uses the app id (`virtufin-api`).
+    pub key_prefix: String,
+    /// Approximate bound of each topic's stream (`MAXLEN ~`).
+    pub stream_max_len: usize,
+    /// Longest wait for one command's answer.
+    pub response_timeout: Duration,
+}
+
+impl ValkeyOptions {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            key_prefix: "virtufin-api".into(),
+            stream_max_len: 100_000,
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Checks a Valkey URL without connecting.
+pub fn validate_url(url: &str) -> std::result::Result<(), String> {
+    Client::open(url).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Connects (one attempt) and builds the backend.
+pub async fn connect(options: ValkeyOptions, delivery: DeliveryOptions) -> Result<Backend> {
+    let store = Arc::new(ValkeyStore::connect(options).await?);
+    Ok(Backend {
+        kind: "valkey",
+        state: store.clone(),
+        pubsub: Arc::new(StreamPubSub::new(store, delivery)),
+    })
+}
+
+/// State and streams on Valkey.
+#[derive(Clone)]
+pub struct ValkeyStore {
+    client: Client,
+    conn: ConnectionManager,
+    options: ValkeyOptions,
+    set_script: Arc<Script>,
+    delete_script: Arc<Script>,
+    forget_script: Arc<Script>,
+}
+
+impl std::fmt::Debug for ValkeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValkeyStore")
+            .field("url", &self.options.url)
+            .finish()
+    }
+}
+
+// Etag checks and the version bump must be atomic: one script each.
+// Returns the new version, or -1 when the etag does not match.
+const SET_LUA: &str = r"
+local v = redis.call('HGET', KEYS[1], 'version')
+if ARGV[2] ~= '' and v ~= ARGV[2] then return -1 end
+local n = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], 'data', ARGV[1])
+return n
+";
+
+// Returns the number of keys deleted, or -1 when the etag does not match.
+const DELETE_LUA: &str = r"
+local v = redis.call('HGET', KEYS[1], 'version')
+if ARGV[1] ~= '' and v ~= ARGV[1] then return -1 end
+return redis.call('DEL', KEYS[1])
+";
+
+// Removes a consumer only while it holds nothing pending, so that a
+// subscription ending never drops another one's unacknowledged entries.
+const FORGET_LUA: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ok, p = pcall(redis.call, 'XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if not ok then return 0 end
+if #p == 0 then return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+return -1
+";
+
+fn map_err(e: RedisError) -> StoreError {
+    if e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+    {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+/// Parses `[[id, [field, value, ...]], ...]` into entries; entries whose
+/// fields are gone (trimmed) or lack `data` are skipped.
+fn parse_entries(v: &Value) -> Vec<Entry> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let id = text(pair.first()?)?;
+            let fields = match pair.get(1)? {
+                Value::Array(f) => f,
+                _ => return None,
+            };
+            let data = fields.chunks(2).find_map(|kv| match kv {
+                [k, Value::BulkString(d)] if text(k).as_deref() == Some("data") => {
+                    Some(Bytes::copy_from_slice(d))
+                }
+                _ => None,
+            })?;
+            Some(Entry { id, data })
+        })
+        .collect()
+}
+
+/// `XREADGROUP` answers `[[stream, entries]]` (or a map in RESP3), or nil.
+fn parse_read_reply(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Array(streams) => streams
+            .iter()
+            .flat_map(|s| match s {
+                Value::Array(pair) if pair.len() == 2 => parse_entries(&pair[1]),
+                _ => Vec::new(),
+            })
+            .collect(),
+        Value::Map(m) => m.iter().flat_map(|(_, e)| parse_entries(e)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+impl ValkeyStore {
+    /// Connects once; fails when Valkey does not answer.
+    pub async fn connect(options: ValkeyOptions) -> Result<Self> {
+        let client = Client::open(options.url.as_str())
+            .map_err(|e| StoreError::Backend(format!("invalid Valkey URL: {e}")))?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(options.response_timeout))
+            .set_response_timeout(Some(options.response_timeout))
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), cfg)
+            .await
+            .map_err(map_err)?;
+        Ok(Self {
+            client,
+            conn,
+            options,
+            set_script: Arc::new(Script::new(SET_LUA)),
+            delete_script: Arc::new(Script::new(DELETE_LUA)),
+            forget_script: Arc::new(Script::new(FORGET_LUA)),
+        })
+    }
+
+    /// The Valkey key that holds `key`'s state (`<prefix>||<key>`).
+    pub fn state_key(&self, key: &str) -> String {
+        format!("{}||{}", self.options.key_prefix, key)
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        let mut c = self.conn.clone();
+        cmd.query_async(&mut c).await.map_err(map_err)
+    }
+}
+
+fn versioned(fields: Vec<Option<String>>) -> Option<Versioned> {
+    match fields.as_slice() {
+        [Some(value), version] => Some(Versioned {
+            value: value.clone(),
+            // A hash without a version (written by hand) still reads.
+            etag: version.clone().unwrap_or_else(|| "0".into()),
+        }),
+        _ => None,
+    }
+}
+
+#[async_trait]
+impl StateStore for ValkeyStore {
+    async fn get(&self, key: &str) -> Result<Option<Versioned>> {
+        let fields: Vec<Option<String>> = self
+            .query(
+                redis::cmd("HMGET")
+                    .arg(self.state_key(key))
+                    .arg("data")
+                    .arg("version"),
+            )
+            .await?;
+        Ok(versioned(fields))
+    }
+
+    async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Versioned>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for k in keys {
+            pipe.cmd("HMGET")
+                .arg(self.state_key(k))
+                .arg("data")
+                .arg("version");
+        }
+        let mut c = self.conn.clone();
+        let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await.map_err(map_err)?;
+        Ok(rows.into_iter().map(versioned).collect())
+    }
+
+    async fn set(&self, key: &str, value: &str, etag: Option<&str>) -> Result<String> {
+        let mut c = self.conn.clone();
+        let n: i64 = self
+            .set_script
+            .key(self.state_key(key))
+            .arg(value)
+            .arg(etag.unwrap_or(""))
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        if n < 0 {
+            return Err(StoreError::EtagMismatch {
+                key: key.to_owned(),
+            });
+        }
+        Ok(n.to_string())
+    }
+
+    async fn delete(&self, key: &str, etag: Option<&str>) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let n: i64 = self
+            .delete_script
+            .key(self.state_key(key))
+            .arg(etag.unwrap_or(""))
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        if n < 0 {
+            return Err(StoreError::EtagMismatch {
+                key: key.to_owned(),
+            });
+        }
+        Ok(n > 0)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Streams for ValkeyStore {
+    type Reader = ValkeyReader;
+
+    async fn add(&self, topic: &str, data: &[u8]) -> Result<String> {
+        self.query(
+            redis::cmd("XADD")
+                .arg(topic)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.options.stream_max_len)
+                .arg("*")
+                .arg("data")
+                .arg(data),
+        )
+        .await
+    }
+
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        let r: Result<Value> = self
+            .query(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(topic)
+                    .arg(group)
+                    .arg("0")
+                    .arg("MKSTREAM"),
+            )
+            .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(StoreError::Backend(m)) if m.contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn reader(&self, topic: &str, group: &str, consumer: &str) -> Result<ValkeyReader> {
+        Ok(ValkeyReader {
+            store: self.clone(),
+            conn: None,
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            consumer: consumer.to_owned(),
+        })
+    }
+
+    async fn own_pending(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+    ) -> Result<Vec<Entry>> {
+        let v: Value = self
+            .query(
+                redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(group)
+                    .arg(consumer)
+                    .arg("COUNT")
+                    .arg(count.max(1))
+                    .arg("STREAMS")
+                    .arg(topic)
+                    .arg("0"),
+            )
+            .await?;
+        Ok(parse_read_reply(&v))
+    }
+
+    async fn ack(&self, topic: &str, group: &str, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = self
+            .query(redis::cmd("XACK").arg(topic).arg(group).arg(ids))
+            .await?;
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        ids: &[String],
+    ) -> Result<Vec<Entry>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let v: Value = self
+            .query(
+                redis::cmd("XCLAIM")
+                    .arg(topic)
+                    .arg(group)
+                    .arg(consumer)
+                    .arg(0)
+                    .arg(ids),
+            )
+            .await?;
+        Ok(parse_entries(&v))
+    }
+
+    async fn autoclaim(
+        &self,
+        topic: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Entry>> {
+        let mut cursor = "0-0".to_owned();
+        let mut out = Vec::new();
+        // XAUTOCLAIM scans a bounded slice of the pending list per call.
+        for _ in 0..16 {
+            let v: Value = self
+                .query(
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(topic)
+                        .arg(group)
+                        .arg(consumer)
+                        .arg(min_idle.as_millis() as u64)
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(count.max(1)),
+                )
+                .await?;
+            let Value::Array(parts) = v else { break };
+            let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
+            if let Some(entries) = parts.get(1) {
+                out.extend(parse_entries(entries));
+            }
+            if next == "0-0" || out.len() >= count {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(out)
+    }
+
+    async fn forget_consumer(&self, topic: &str, group: &str, consumer: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: i64 = self
+            .forget_script
+            .key(topic)
+            .arg(group)
+            .arg(consumer)
+            .invoke_async(&mut c)
+            .await
+            .map_err(map_err)?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        StateStore::ping(self).await
+    }
+}
+
+/// Reads new entries over a connection of its own: `XREADGROUP … BLOCK`
+/// holds a connection for as long as it waits.
+pub struct ValkeyReader {
+    store: ValkeyStore,
+    conn: Option<MultiplexedConnection>,
+    topic: String,
+    group: String,
+    consumer: String,
+}
+
+#[async_trait]
+impl StreamReader for ValkeyReader {
+    async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Entry>> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => {
+                let cfg = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(self.store.options.response_timeout))
+                    .set_response_timeout(Some(block + self.store.options.response_timeout));
+                let c = self
+                    .store
+                    .client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+                    .map_err(map_err)?;
+                self.conn.insert(c)
+            }
+        };
+        let r: std::result::Result<Value, RedisError> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count.max(1))
+            .arg("BLOCK")
+            .arg(block.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(&self.topic)
+            .arg(">")
+            .query_async(conn)
+            .await;
+        match r {
+            Ok(v) => Ok(parse_read_reply(&v)),
+            Err(e) if e.code() == Some("NOGROUP") => {
+                // The stream was deleted under us: recreate the group.
+                self.store.create_group(&self.topic, &self.group).await?;
+                Ok(Vec::new())
+            }
+            Err(e) => {
+                self.conn = None;
+                Err(map_err(e))
+            }
+        }
+    }
+}

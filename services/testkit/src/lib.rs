@@ -1,0 +1,203 @@
+//! Test support shared by the workspace's tests and benchmarks: real
+//! Valkey/Redis servers and a real `NOTIFY_SOCKET` listener. Panics are the
+//! error reporting here: this crate only ever runs inside tests.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+/// The Valkey (or Redis) server binary: `VIRTUFIN_TEST_VALKEY_SERVER`, else
+/// `valkey-server`, else `redis-server` from `PATH`.
+pub fn valkey_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("VIRTUFIN_TEST_VALKEY_SERVER") {
+        return p.into();
+    }
+    for name in ["valkey-server", "redis-server"] {
+        if let Some(p) = which(name) {
+            return p;
+        }
+    }
+    panic!(
+        "neither valkey-server nor redis-server is on PATH: install one \
+         (Debian: apt-get install redis-server) or set VIRTUFIN_TEST_VALKEY_SERVER"
+    );
+}
+
+/// Finds `name` on `PATH`.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A port that was free a moment ago: bound by the test, then released for
+/// the server that is about to take it.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local_addr").port()
+}
+
+/// A running valkey-server/redis-server, killed on drop.
+pub struct ValkeyServer {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    persist: bool,
+}
+
+impl ValkeyServer {
+    /// Starts a server without persistence on a port this test bound.
+    pub fn start() -> Self {
+        Self::start_on(free_port(), None, false)
+    }
+
+    /// Starts a server with append-only persistence in a fresh directory.
+    pub fn start_persistent() -> Self {
+        Self::start_on(free_port(), None, true)
+    }
+
+    /// Starts a server on `port`, reusing `dir` (for restarts) when given.
+    /// Returns once the server logs that it accepts connections.
+    pub fn start_on(port: u16, dir: Option<tempfile::TempDir>, persist: bool) -> Self {
+        let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
+        let mut cmd = Command::new(valkey_binary());
+        cmd.arg("--port")
+            .arg(port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--dir")
+            .arg(dir.path())
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg(if persist { "yes" } else { "no" })
+            .arg("--appendfsync")
+            .arg("always")
+            .arg("--logfile")
+            .arg("")
+            .arg("--daemonize")
+            .arg("no")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn().expect("start valkey-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent && line.contains("Ready to accept connections") {
+                    let _ = tx.send(());
+                    sent = true;
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let _ = child.kill();
+            panic!("valkey-server on port {port} did not become ready");
+        }
+        Self {
+            child,
+            port,
+            dir,
+            persist,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops the server (SIGKILL: whatever was acknowledged with
+    /// `appendfsync always` is on disk) and starts it again on the same port
+    /// with the same data directory.
+    pub fn restart(self) -> Self {
+        let mut this = self;
+        let _ = this.child.kill();
+        let _ = this.child.wait();
+        let port = this.port;
+        let persist = this.persist;
+        // Move the directory out without running Drop's kill twice.
+        let dir = std::mem::replace(&mut this.dir, tempfile::tempdir().expect("tempdir"));
+        drop(this);
+        Self::start_on(port, Some(dir), persist)
+    }
+
+    /// Stops the server and returns its data directory and port.
+    pub fn stop(mut self) -> (u16, tempfile::TempDir) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+        (self.port, dir)
+    }
+}
+
+impl Drop for ValkeyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A datagram socket standing in for systemd's `NOTIFY_SOCKET`.
+pub struct NotifyListener {
+    socket: tokio::net::UnixDatagram,
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifyListener {
+    pub fn bind() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify.sock");
+        let socket = tokio::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        Self {
+            socket,
+            path,
+            _dir: dir,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The next notification (one datagram, e.g. "READY=1\nSTATUS=...").
+    pub async fn recv(&self, within: Duration) -> Option<String> {
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(within, self.socket.recv(&mut buf)).await {
+            Ok(Ok(n)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            _ => None,
+        }
+    }
+
+    /// Waits for a datagram containing `needle`; returns every datagram seen
+    /// on the way (the last one contains it).
+    pub async fn wait_for(&self, needle: &str, within: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv(left).await {
+                Some(m) => {
+                    let hit = m.lines().any(|l| l == needle || l.starts_with(needle));
+                    seen.push(m);
+                    if hit {
+                        return seen;
+                    }
+                }
+                None => panic!("no notification '{needle}' within {within:?}; saw {seen:?}"),
+            }
+        }
+    }
+}
