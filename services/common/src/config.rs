@@ -25,7 +25,11 @@ pub enum UrlError {
 /// `[::]` every interface, `localhost` the IPv4 loopback.
 pub fn parse_listen_urls(list: &str) -> Result<Vec<SocketAddr>, UrlError> {
     let mut out = Vec::new();
-    for url in list.split([';', ',']).map(str::trim).filter(|s| !s.is_empty()) {
+    for url in list
+        .split([';', ','])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         out.push(parse_listen_url(url)?);
     }
     if out.is_empty() {
@@ -127,10 +131,22 @@ mod tests {
 
     #[test]
     fn bad_urls_name_the_problem() {
-        assert!(matches!(parse_listen_urls("https://+:5001"), Err(UrlError::Scheme(_))));
-        assert!(matches!(parse_listen_urls("http://+:0"), Err(UrlError::Port(_))));
-        assert!(matches!(parse_listen_urls("http://+:x"), Err(UrlError::Port(_))));
-        assert!(matches!(parse_listen_urls("http://host.example:1"), Err(UrlError::Host(_))));
+        assert!(matches!(
+            parse_listen_urls("https://+:5001"),
+            Err(UrlError::Scheme(_))
+        ));
+        assert!(matches!(
+            parse_listen_urls("http://+:0"),
+            Err(UrlError::Port(_))
+        ));
+        assert!(matches!(
+            parse_listen_urls("http://+:x"),
+            Err(UrlError::Port(_))
+        ));
+        assert!(matches!(
+            parse_listen_urls("http://host.example:1"),
+            Err(UrlError::Host(_))
+        ));
         assert!(matches!(parse_listen_urls(" ; "), Err(UrlError::Empty)));
     }
 }

@@ -26,8 +26,7 @@ pub fn init(identifier: &str) {
 
 /// Installs a stderr subscriber for tests (idempotent).
 pub fn init_for_tests() {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(tracing_subscriber::fmt::layer().with_test_writer())

@@ -6,7 +6,9 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use crate::{Backend, Delivery, DeliveryOptions, Outcome, StoreError, Subscription, SubscriptionSpec};
+use crate::{
+    Backend, Delivery, DeliveryOptions, Outcome, StoreError, Subscription, SubscriptionSpec,
+};
 
 /// Options with short timeouts so redelivery is observable in a test.
 pub fn fast_options() -> DeliveryOptions {
@@ -67,7 +69,10 @@ pub async fn stale_etag_changes_nothing(b: Backend) {
     let err = s.set("c/e", "three", Some(&e1)).await.unwrap_err();
     assert!(matches!(err, StoreError::EtagMismatch { .. }), "{err:?}");
     let now = s.get("c/e").await.unwrap().unwrap();
-    assert_eq!((now.value.as_str(), now.etag.as_str()), ("two", e2.as_str()));
+    assert_eq!(
+        (now.value.as_str(), now.etag.as_str()),
+        ("two", e2.as_str())
+    );
     // An etag never matches a missing key.
     let err = s.set("c/missing", "x", Some("1")).await.unwrap_err();
     assert!(matches!(err, StoreError::EtagMismatch { .. }));
@@ -78,16 +83,25 @@ pub async fn stale_etag_changes_nothing(b: Backend) {
     assert!(s.get("c/e").await.unwrap().is_some());
     assert!(s.delete("c/e", Some(&e2)).await.unwrap());
     assert_eq!(s.get("c/e").await.unwrap(), None);
-    assert!(!s.delete("c/e", None).await.unwrap(), "deleting nothing says so");
+    assert!(
+        !s.delete("c/e", None).await.unwrap(),
+        "deleting nothing says so"
+    );
 }
 
 pub async fn get_many_mixes_hits_and_misses(b: Backend) {
     let s = &b.state;
     s.set("m/a", "1", None).await.unwrap();
     s.set("m/c", "3", None).await.unwrap();
-    let keys: Vec<String> = ["m/a", "m/b", "m/c"].iter().map(|k| k.to_string()).collect();
+    let keys: Vec<String> = ["m/a", "m/b", "m/c"]
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
     let got = s.get_many(&keys).await.unwrap();
-    let vals: Vec<Option<&str>> = got.iter().map(|v| v.as_ref().map(|v| v.value.as_str())).collect();
+    let vals: Vec<Option<&str>> = got
+        .iter()
+        .map(|v| v.as_ref().map(|v| v.value.as_str()))
+        .collect();
     assert_eq!(vals, vec![Some("1"), None, Some("3")]);
     assert!(s.get_many(&[]).await.unwrap().is_empty());
 }
@@ -97,7 +111,9 @@ pub async fn each_group_gets_every_event(b: Backend) {
     let mut g1 = p.subscribe(spec("t.groups", "g1", "a")).await.unwrap();
     let mut g2 = p.subscribe(spec("t.groups", "g2", "a")).await.unwrap();
     for i in 0..5 {
-        p.publish("t.groups", format!("e{i}").as_bytes()).await.unwrap();
+        p.publish("t.groups", format!("e{i}").as_bytes())
+            .await
+            .unwrap();
     }
     for sub in [&mut g1, &mut g2] {
         for i in 0..5 {
@@ -122,7 +138,9 @@ pub async fn members_of_a_group_share_events(b: Backend) {
     let mut m2 = p.subscribe(spec("t.share", "g", "m2")).await.unwrap();
     let n = 40;
     for i in 0..n {
-        p.publish("t.share", format!("{i}").as_bytes()).await.unwrap();
+        p.publish("t.share", format!("{i}").as_bytes())
+            .await
+            .unwrap();
     }
     let mut seen = Vec::new();
     while seen.len() < n {
@@ -133,7 +151,11 @@ pub async fn members_of_a_group_share_events(b: Backend) {
         seen.push(String::from_utf8(d.data.to_vec()).unwrap());
     }
     let unique: HashSet<_> = seen.iter().collect();
-    assert_eq!(unique.len(), n, "each event goes to exactly one member: {seen:?}");
+    assert_eq!(
+        unique.len(),
+        n,
+        "each event goes to exactly one member: {seen:?}"
+    );
     nothing_for(&mut m1, Duration::from_millis(200)).await;
     nothing_for(&mut m2, Duration::from_millis(50)).await;
 }
@@ -186,7 +208,9 @@ pub async fn settled_events_are_not_redelivered(b: Backend) {
     let p = &b.pubsub;
     let mut s = p.subscribe(spec("t.done", "g", "one")).await.unwrap();
     for i in 0..3 {
-        p.publish("t.done", format!("{i}").as_bytes()).await.unwrap();
+        p.publish("t.done", format!("{i}").as_bytes())
+            .await
+            .unwrap();
     }
     for _ in 0..3 {
         let d = next(&mut s).await;
@@ -202,7 +226,9 @@ pub async fn in_flight_limit_holds_back_the_rest(b: Backend) {
     let mut s = p.subscribe(spec("t.limit", "g", "slow")).await.unwrap();
     let limit = fast_options().max_in_flight;
     for i in 0..limit + 10 {
-        p.publish("t.limit", format!("{i}").as_bytes()).await.unwrap();
+        p.publish("t.limit", format!("{i}").as_bytes())
+            .await
+            .unwrap();
     }
     let mut held = Vec::new();
     for _ in 0..limit {

@@ -222,7 +222,11 @@ impl Streams for MemoryStore {
     async fn reader(&self, topic: &str, group: &str, consumer: &str) -> Result<MemoryReader> {
         let notify = {
             let mut g = self.lock();
-            g.streams.entry(topic.to_owned()).or_default().notify.clone()
+            g.streams
+                .entry(topic.to_owned())
+                .or_default()
+                .notify
+                .clone()
         };
         Ok(MemoryReader {
             store: self.clone(),

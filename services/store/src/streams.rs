@@ -14,8 +14,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::{sync::CancellationToken, time::DelayQueue};
 
 use crate::{
-    Delivery, DeliveryOptions, Outcome, PubSub, Result, StoreError, Subscription,
-    SubscriptionSpec,
+    Delivery, DeliveryOptions, Outcome, PubSub, Result, StoreError, Subscription, SubscriptionSpec,
 };
 
 /// One stream entry: its id and its `data` field.
@@ -290,7 +289,11 @@ impl<S: Streams> Worker<S> {
                 let mut ids = vec![id];
                 while ids.len() < 512 {
                     match more.try_recv() {
-                        Ok((i, Outcome::Success | Outcome::Drop)) if self.in_flight.contains_key(&i) => ids.push(i),
+                        Ok((i, Outcome::Success | Outcome::Drop))
+                            if self.in_flight.contains_key(&i) =>
+                        {
+                            ids.push(i)
+                        }
                         Ok((i, Outcome::Retry)) if self.in_flight.contains_key(&i) => {
                             self.retries.insert(i, self.options.retry_delay);
                         }
@@ -300,7 +303,11 @@ impl<S: Streams> Worker<S> {
                 }
                 ids.sort();
                 ids.dedup();
-                if let Err(e) = self.streams.ack(&self.spec.topic, &self.spec.group, &ids).await {
+                if let Err(e) = self
+                    .streams
+                    .ack(&self.spec.topic, &self.spec.group, &ids)
+                    .await
+                {
                     // Left pending: redelivered after the processing timeout.
                     tracing::warn!(error = %e, "ack failed; the events will be redelivered");
                 }
@@ -329,7 +336,9 @@ impl<S: Streams> Worker<S> {
     }
 }
 
-async fn futures_next(q: &mut DelayQueue<String>) -> Option<tokio_util::time::delay_queue::Expired<String>> {
+async fn futures_next(
+    q: &mut DelayQueue<String>,
+) -> Option<tokio_util::time::delay_queue::Expired<String>> {
     if q.is_empty() {
         std::future::pending().await
     } else {

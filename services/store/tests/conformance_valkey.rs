@@ -1,4 +1,5 @@
 //! The conformance suite on Valkey: a real valkey-server/redis-server per
+#![allow(clippy::expect_used)]
 //! test, on a port the test bound.
 
 use virtufin_store::{Backend, DeliveryOptions, valkey};

@@ -1,0 +1,374 @@
+//! CloudEvents 1.0 in JSON (structured mode), as Dapr stores them: built
+//! from `PublishEvent`'s `ce-*` metadata, and turned back into
+//! `TopicEventRequest` for subscribers.
+
+use std::{collections::HashMap, time::SystemTime};
+
+use base64::Engine;
+use serde_json::{Map, Value};
+use virtufin_proto::api::v1::TopicEventRequest;
+
+use crate::{error::ApiError, validate};
+
+/// Attributes with a field of their own in `TopicEventRequest` or that
+/// carry the payload; everything else becomes an extension.
+const CORE: &[&str] = &[
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "datacontenttype",
+    "topic",
+    "pubsubname",
+    "data",
+    "data_base64",
+];
+
+/// Defaults for attributes a publisher leaves out (Dapr's, so that
+/// consumers written for Dapr see what they expect).
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    pub source: String,
+    pub event_type: String,
+    pub pubsub_name: String,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Self {
+            source: "virtufin-api".into(),
+            event_type: "com.dapr.event.sent".into(),
+            pubsub_name: "pubsub".into(),
+        }
+    }
+}
+
+fn is_json_type(ct: &str) -> bool {
+    let ct = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    ct == "application/json" || ct == "text/json" || ct.ends_with("+json")
+}
+
+/// Builds the envelope for `PublishEvent{topic, data, metadata}`. Missing
+/// id, time and specversion are filled; `ce-<name>` other than the core
+/// attributes becomes the extension `<name>`; other metadata is ignored.
+pub fn build(
+    topic: &str,
+    data: &str,
+    metadata: &HashMap<String, String>,
+    defaults: &Defaults,
+    max_entries: usize,
+) -> Result<(String, Vec<u8>), ApiError> {
+    if metadata.len() > max_entries {
+        return Err(ApiError::invalid(format!(
+            "{} metadata entries; the limit is {max_entries}",
+            metadata.len()
+        )));
+    }
+    let mut attrs: Map<String, Value> = Map::new();
+    for (k, v) in metadata {
+        let Some(name) = k.strip_prefix("ce-").or_else(|| k.strip_prefix("CE-")) else {
+            continue;
+        };
+        let name = name.to_ascii_lowercase();
+        if name.is_empty()
+            || name.len() > 20
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        {
+            return Err(ApiError::invalid(format!(
+                "metadata '{}': a CloudEvent attribute name after 'ce-' must be 1-20 lowercase letters or digits",
+                validate::clip(k)
+            )));
+        }
+        if matches!(name.as_str(), "data" | "topic" | "pubsubname") {
+            return Err(ApiError::invalid(format!(
+                "metadata '{k}': '{name}' is set by the api, not by the publisher"
+            )));
+        }
+        if v.len() > 4096 {
+            return Err(ApiError::invalid(format!(
+                "metadata '{k}' is {} bytes; the limit is 4096",
+                v.len()
+            )));
+        }
+        attrs.insert(name, Value::String(v.clone()));
+    }
+    let get = |a: &Map<String, Value>, k: &str| a.get(k).and_then(Value::as_str).map(str::to_owned);
+    match get(&attrs, "specversion").as_deref() {
+        None => {
+            attrs.insert("specversion".into(), "1.0".into());
+        }
+        Some("1.0") => {}
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "ce-specversion '{}' is not supported; only 1.0",
+                validate::clip(other)
+            )));
+        }
+    }
+    let id = match get(&attrs, "id") {
+        Some(id) if !id.is_empty() => id,
+        Some(_) => return Err(ApiError::invalid("ce-id must not be empty when given")),
+        None => {
+            let id = uuid::Uuid::new_v4().to_string();
+            attrs.insert("id".into(), Value::String(id.clone()));
+            id
+        }
+    };
+    match get(&attrs, "time") {
+        Some(t) => {
+            humantime::parse_rfc3339_weak(&t).map_err(|e| {
+                ApiError::invalid(format!(
+                    "ce-time '{}' is not an RFC 3339 timestamp: {e}",
+                    validate::clip(&t)
+                ))
+            })?;
+        }
+        None => {
+            let now = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            attrs.insert("time".into(), Value::String(now));
+        }
+    }
+    if get(&attrs, "source").is_none_or(|s| s.is_empty()) {
+        attrs.insert("source".into(), Value::String(defaults.source.clone()));
+    }
+    if get(&attrs, "type").is_none_or(|s| s.is_empty()) {
+        attrs.insert("type".into(), Value::String(defaults.event_type.clone()));
+    }
+    // The payload: embedded as JSON when it is JSON, as a string otherwise.
+    let parsed = serde_json::from_str::<Value>(data);
+    let content_type = get(&attrs, "datacontenttype");
+    let payload = match (&content_type, parsed) {
+        (Some(ct), Ok(v)) if is_json_type(ct) => v,
+        (Some(ct), Err(e)) if is_json_type(ct) => {
+            return Err(ApiError::invalid(format!(
+                "data is not valid JSON but ce-datacontenttype is '{ct}': {e}"
+            )));
+        }
+        (Some(_), _) => Value::String(data.to_owned()),
+        (None, Ok(v)) if !data.trim().is_empty() => {
+            attrs.insert("datacontenttype".into(), "application/json".into());
+            v
+        }
+        (None, _) => {
+            attrs.insert("datacontenttype".into(), "text/plain".into());
+            Value::String(data.to_owned())
+        }
+    };
+    attrs.insert("topic".into(), Value::String(topic.to_owned()));
+    attrs.insert(
+        "pubsubname".into(),
+        Value::String(defaults.pubsub_name.clone()),
+    );
+    attrs.insert("data".into(), payload);
+    let bytes = serde_json::to_vec(&Value::Object(attrs))
+        .map_err(|e| ApiError::invalid(format!("cannot encode the event: {e}")))?;
+    Ok((id, bytes))
+}
+
+fn json_to_prost(v: Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        Value::String(s) => Kind::StringValue(s),
+        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.into_iter().map(json_to_prost).collect(),
+        }),
+        Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o.into_iter().map(|(k, v)| (k, json_to_prost(v))).collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// Turns a stored entry into what subscribers receive. Entries that are
+/// not CloudEvents (written by other producers) are passed on as raw data
+/// with the entry id as event id.
+pub fn to_topic_event(
+    topic: &str,
+    entry_id: &str,
+    raw: &[u8],
+    pubsub_name: &str,
+) -> TopicEventRequest {
+    let Ok(Value::Object(mut attrs)) = serde_json::from_slice::<Value>(raw) else {
+        return raw_event(topic, entry_id, raw, pubsub_name);
+    };
+    if !attrs.contains_key("specversion") {
+        return raw_event(topic, entry_id, raw, pubsub_name);
+    }
+    let mut take = |k: &str| match attrs.remove(k) {
+        Some(Value::String(s)) => s,
+        Some(other) if k != "data" => other.to_string(),
+        _ => String::new(),
+    };
+    let id = take("id");
+    let source = take("source");
+    let event_type = take("type");
+    let spec_version = take("specversion");
+    let data_content_type = take("datacontenttype");
+    let event_topic = take("topic");
+    let event_pubsub = take("pubsubname");
+    let data = match (attrs.remove("data"), attrs.remove("data_base64")) {
+        (_, Some(Value::String(b64))) => base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .unwrap_or_else(|_| b64.into_bytes()),
+        (Some(Value::String(s)), _) if !is_json_type(&data_content_type) => s.into_bytes(),
+        (Some(v), _) => serde_json::to_vec(&v).unwrap_or_default(),
+        (None, _) => Vec::new(),
+    };
+    let extensions = prost_types::Struct {
+        fields: attrs
+            .into_iter()
+            .filter(|(k, _)| !CORE.contains(&k.as_str()))
+            .map(|(k, v)| (k, json_to_prost(v)))
+            .collect(),
+    };
+    TopicEventRequest {
+        id: if id.is_empty() {
+            entry_id.to_owned()
+        } else {
+            id
+        },
+        source,
+        r#type: event_type,
+        spec_version,
+        data_content_type,
+        topic: if event_topic.is_empty() {
+            topic.to_owned()
+        } else {
+            event_topic
+        },
+        data,
+        pubsub_name: if event_pubsub.is_empty() {
+            pubsub_name.to_owned()
+        } else {
+            event_pubsub
+        },
+        path: String::new(),
+        extensions: Some(extensions),
+    }
+}
+
+fn raw_event(topic: &str, entry_id: &str, raw: &[u8], pubsub_name: &str) -> TopicEventRequest {
+    let ct = if serde_json::from_slice::<Value>(raw).is_ok() {
+        "application/json"
+    } else {
+        "application/octet-stream"
+    };
+    TopicEventRequest {
+        id: entry_id.to_owned(),
+        source: String::new(),
+        r#type: String::new(),
+        spec_version: "1.0".into(),
+        data_content_type: ct.into(),
+        topic: topic.to_owned(),
+        data: raw.to_vec(),
+        pubsub_name: pubsub_name.to_owned(),
+        path: String::new(),
+        extensions: None,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn md(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn seed_smoke_event_roundtrips() {
+        let data = r#"{"connection_id":"smoke","url":"ws://localhost"}"#;
+        let (id, bytes) = build(
+            "websocketmanager.connectionstatus",
+            data,
+            &md(&[
+                (
+                    "ce-type",
+                    "com.virtufin.websocketmanager.connection.connected",
+                ),
+                ("ce-source", "urn:test"),
+                ("ce-id", "smoke-1"),
+                ("ce-correlationid", "c-42"),
+            ]),
+            &Defaults::default(),
+            64,
+        )
+        .unwrap();
+        assert_eq!(id, "smoke-1");
+        let ev = to_topic_event("websocketmanager.connectionstatus", "1-0", &bytes, "pubsub");
+        assert_eq!(ev.id, "smoke-1");
+        assert_eq!(ev.source, "urn:test");
+        assert_eq!(
+            ev.r#type,
+            "com.virtufin.websocketmanager.connection.connected"
+        );
+        assert_eq!(ev.spec_version, "1.0");
+        assert_eq!(ev.data_content_type, "application/json");
+        let back: Value = serde_json::from_slice(&ev.data).unwrap();
+        assert_eq!(back, serde_json::from_str::<Value>(data).unwrap());
+        let ext = ev.extensions.unwrap().fields;
+        assert!(ext.contains_key("time"), "time was filled in");
+        assert_eq!(
+            ext.get("correlationid").and_then(|v| v.kind.clone()),
+            Some(prost_types::value::Kind::StringValue("c-42".into()))
+        );
+    }
+
+    #[test]
+    fn fills_missing_attributes() {
+        let (id, bytes) =
+            build("t", "plain text", &HashMap::new(), &Defaults::default(), 64).unwrap();
+        assert_eq!(uuid::Uuid::parse_str(&id).map(|_| ()), Ok(()));
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["datacontenttype"], "text/plain");
+        assert_eq!(v["data"], "plain text");
+        assert_eq!(v["source"], "virtufin-api");
+    }
+
+    #[test]
+    fn rejects_bad_attributes() {
+        let d = Defaults::default();
+        for m in [
+            md(&[("ce-specversion", "0.3")]),
+            md(&[("ce-time", "yesterday")]),
+            md(&[("ce-id", "")]),
+            md(&[("ce-Bad_Name", "x")]),
+            md(&[("ce-data", "x")]),
+            md(&[("ce-datacontenttype", "application/json")]),
+        ] {
+            assert!(build("t", "not json", &m, &d, 64).is_err(), "{m:?}");
+        }
+        let many: HashMap<_, _> = (0..65).map(|i| (format!("ce-x{i}"), "v".into())).collect();
+        assert!(build("t", "x", &many, &d, 64).is_err());
+    }
+
+    #[test]
+    fn raw_entries_pass_through() {
+        let ev = to_topic_event("t", "5-1", b"\x00\x01binary", "pubsub");
+        assert_eq!(ev.id, "5-1");
+        assert_eq!(ev.data, b"\x00\x01binary");
+        assert_eq!(ev.data_content_type, "application/octet-stream");
+    }
+
+    #[test]
+    fn dapr_base64_payloads_decode() {
+        let raw = br#"{"specversion":"1.0","id":"x","source":"s","type":"t","datacontenttype":"application/octet-stream","data_base64":"AAEC"}"#;
+        let ev = to_topic_event("t", "1-1", raw, "pubsub");
+        assert_eq!(ev.data, vec![0, 1, 2]);
+    }
+}

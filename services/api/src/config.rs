@@ -1,0 +1,187 @@
+//! The api's settings: command-line flags, each bound to an environment
+//! variable (the seed's names where it has one). Flags win over variables.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use clap::{Parser, ValueEnum};
+use virtufin_common::config::parse_listen_urls;
+
+/// Which store and broker the api uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// In this process's memory: nothing survives a restart.
+    Memory,
+    /// Valkey (or Redis 7) in Dapr's layout.
+    Valkey,
+    /// Through a Dapr sidecar.
+    Dapr,
+}
+
+/// `ASPNETCORE_URLS`-style listen addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenUrls(pub Vec<SocketAddr>);
+
+fn parse_urls(s: &str) -> Result<ListenUrls, String> {
+    parse_listen_urls(s)
+        .map(ListenUrls)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 15s, 2m)"))
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// virtufin-api: Health, State and Pubsub over gRPC (h2c) and REST.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "virtufin-api", version, about, long_about = None)]
+pub struct Config {
+    /// HTTP listen URLs (health and REST), `;`-separated; `+` or `*` means
+    /// every interface.
+    #[arg(long = "urls", env = "ASPNETCORE_URLS", default_value = "http://127.0.0.1:5001", value_parser = parse_urls)]
+    pub http_urls: ListenUrls,
+
+    /// Overrides the port of every HTTP listen URL.
+    #[arg(long, env = "VIRTUFIN_HTTP_PORT")]
+    pub http_port: Option<u16>,
+
+    /// gRPC (h2c) port.
+    #[arg(long, env = "VIRTUFIN_GRPC_PORT", default_value_t = 5002)]
+    pub grpc_port: u16,
+
+    /// gRPC listen address.
+    #[arg(long, env = "VIRTUFIN_GRPC_HOST", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub grpc_host: IpAddr,
+
+    /// Store and broker. Default: valkey when a Valkey URL is set, memory
+    /// otherwise.
+    #[arg(long, env = "VIRTUFIN_BACKEND", value_enum)]
+    pub backend: Option<BackendKind>,
+
+    /// Valkey URL: redis://HOST:PORT[/DB] or unix:///PATH.
+    #[arg(long, env = "VIRTUFIN_VALKEY_URL")]
+    pub valkey_url: Option<String>,
+
+    /// App id: the prefix of state keys (`<app-id>||<service>/<key>`), as
+    /// Dapr's state.redis writes them.
+    #[arg(long, env = "VIRTUFIN_APP_ID", default_value = "virtufin-api")]
+    pub app_id: String,
+
+    /// Dapr sidecar gRPC port (dapr backend).
+    #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
+    pub dapr_grpc_port: u16,
+
+    /// Dapr sidecar HTTP port, for its health (dapr backend).
+    #[arg(long, env = "DAPR_HTTP_PORT", default_value_t = 3500)]
+    pub dapr_http_port: u16,
+
+    /// Pub/sub component name (dapr backend; also `pubsubname` on events).
+    #[arg(long, env = "VIRTUFIN_PUBSUB_NAME", default_value = "pubsub")]
+    pub pubsub_name: String,
+
+    /// State store component name (dapr backend).
+    #[arg(long, env = "VIRTUFIN_STATE_STORE_NAME", default_value = "statestore")]
+    pub state_store_name: String,
+
+    /// Approximate number of events kept per topic (`XADD MAXLEN ~`).
+    #[arg(long, env = "VIRTUFIN_STREAM_MAXLEN", default_value = "100000", value_parser = parse_positive)]
+    pub stream_max_len: usize,
+
+    /// An event left unacknowledged this long is delivered again.
+    #[arg(long, env = "VIRTUFIN_PROCESSING_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub processing_timeout: Duration,
+
+    /// How often subscriptions look for such events.
+    #[arg(long, env = "VIRTUFIN_RECLAIM_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub reclaim_interval: Duration,
+
+    /// Delay before an event acknowledged with RETRY comes back.
+    #[arg(long, env = "VIRTUFIN_RETRY_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub retry_delay: Duration,
+
+    /// Most unacknowledged events per subscription stream.
+    #[arg(long, env = "VIRTUFIN_MAX_IN_FLIGHT", default_value = "256", value_parser = parse_positive)]
+    pub max_in_flight: usize,
+
+    /// Largest state value, in bytes.
+    #[arg(long, env = "VIRTUFIN_MAX_VALUE_BYTES", default_value = "1048576", value_parser = parse_positive)]
+    pub max_value_bytes: usize,
+
+    /// Largest event data, in bytes.
+    #[arg(long, env = "VIRTUFIN_MAX_EVENT_BYTES", default_value = "1048576", value_parser = parse_positive)]
+    pub max_event_bytes: usize,
+
+    /// How often the backend's health is probed.
+    #[arg(long, env = "VIRTUFIN_PROBE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+
+    /// How long shutdown waits for open calls to finish.
+    #[arg(long, env = "VIRTUFIN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    /// The backend in effect: explicit, else Valkey when a URL is set.
+    pub fn backend_kind(&self) -> BackendKind {
+        self.backend.unwrap_or(if self.valkey_url.is_some() {
+            BackendKind::Valkey
+        } else {
+            BackendKind::Memory
+        })
+    }
+
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.http_urls
+            .0
+            .iter()
+            .map(|a| match self.http_port {
+                Some(p) => SocketAddr::new(a.ip(), p),
+                None => *a,
+            })
+            .collect()
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.grpc_host, self.grpc_port)
+    }
+
+    /// Checks what clap cannot: combinations of settings.
+    pub fn check(&self) -> Result<(), String> {
+        match (self.backend_kind(), &self.valkey_url) {
+            (BackendKind::Valkey, None) => {
+                return Err("VIRTUFIN_BACKEND=valkey needs VIRTUFIN_VALKEY_URL (or --valkey-url), e.g. redis://127.0.0.1:6379".into());
+            }
+            (BackendKind::Valkey, Some(url)) => {
+                virtufin_store::valkey::validate_url(url)
+                    .map_err(|e| format!("invalid VIRTUFIN_VALKEY_URL '{url}': {e}"))?;
+            }
+            (BackendKind::Dapr, _) => {
+                return Err("VIRTUFIN_BACKEND=dapr is not available in this build yet; use memory or valkey".into());
+            }
+            (BackendKind::Memory, _) => {}
+        }
+        if self.app_id.is_empty() || self.app_id.contains("||") {
+            return Err(format!(
+                "invalid VIRTUFIN_APP_ID '{}': must be non-empty and must not contain '||'",
+                self.app_id
+            ));
+        }
+        Ok(())
+    }
+
+    /// The defaults, as if started with no flags and an empty environment
+    /// (for tests and embedding).
+    pub fn defaults() -> Self {
+        Self::parse_from(["virtufin-api"])
+    }
+}
