@@ -1,1 +1,191 @@
+//! A client of virtufin-api: typed State and Pubsub calls over one
+//! channel, and the readiness handshake (`Health/HealthCheck`) that the
+//! other services perform before they report ready.
 
+use std::{collections::HashMap, time::Duration};
+
+use tonic::transport::{Channel, Endpoint};
+pub use virtufin_proto::api::v1 as pb;
+use virtufin_proto::api::v1::{
+    health_client::HealthClient, pubsub_client::PubsubClient, state_client::StateClient,
+};
+
+/// Why a call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid api address '{addr}': {reason}")]
+    Address { addr: String, reason: String },
+    #[error("cannot reach the api at {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+}
+
+/// A connection to virtufin-api. Cheap to clone; reconnects by itself.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    addr: String,
+    channel: Channel,
+}
+
+/// Accepts `host:port` or a full `http://host:port` URL.
+pub fn normalize(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+impl ApiClient {
+    /// A client that connects on first use (and again after the api
+    /// restarts). Fails only on a malformed address.
+    pub fn lazy(addr: &str) -> Result<Self, ClientError> {
+        let url = normalize(addr);
+        let endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| ClientError::Address {
+                addr: addr.to_owned(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true);
+        Ok(Self {
+            addr: url,
+            channel: endpoint.connect_lazy(),
+        })
+    }
+
+    /// Connects now; fails when the api does not answer.
+    pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        let c = Self::lazy(addr)?;
+        let endpoint = Endpoint::from_shared(c.addr.clone()).map_err(|e| ClientError::Address {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(|e| ClientError::Connect {
+                addr: c.addr.clone(),
+                reason: source_chain(&e),
+            })?;
+        Ok(Self {
+            addr: c.addr,
+            channel,
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel.clone())
+    }
+
+    pub fn state(&self) -> StateClient<Channel> {
+        StateClient::new(self.channel.clone())
+    }
+
+    pub fn pubsub(&self) -> PubsubClient<Channel> {
+        PubsubClient::new(self.channel.clone())
+    }
+
+    /// The readiness handshake: OK only when the api reports itself ready.
+    pub async fn handshake(&self) -> Result<pb::HealthCheckResponse, ClientError> {
+        Ok(self
+            .health()
+            .health_check(pb::HealthCheckRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Saves a value; returns the new etag.
+    pub async fn save(
+        &self,
+        service: &str,
+        key: &str,
+        value: &str,
+        etag: &str,
+    ) -> Result<String, ClientError> {
+        let r = self
+            .state()
+            .save_state(pb::SaveStateRequest {
+                service: service.into(),
+                key: key.into(),
+                value: value.into(),
+                etag: etag.into(),
+                include_value: false,
+            })
+            .await?
+            .into_inner();
+        Ok(r.etag)
+    }
+
+    /// Reads a value; `None` when nothing is stored.
+    pub async fn get(
+        &self,
+        service: &str,
+        key: &str,
+    ) -> Result<Option<(String, String)>, ClientError> {
+        let r = self
+            .state()
+            .get_state(pb::GetStateRequest {
+                service: service.into(),
+                key: key.into(),
+            })
+            .await?
+            .into_inner();
+        Ok((!r.etag.is_empty()).then_some((r.value, r.etag)))
+    }
+
+    /// Deletes a value; true when something was deleted.
+    pub async fn delete(&self, service: &str, key: &str, etag: &str) -> Result<bool, ClientError> {
+        let r = self
+            .state()
+            .delete_state(pb::DeleteStateRequest {
+                service: service.into(),
+                key: key.into(),
+                include_value: false,
+                etag: etag.into(),
+            })
+            .await?
+            .into_inner();
+        Ok(r.status == "OK")
+    }
+
+    /// Publishes an event; `metadata` carries `ce-*` attributes.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        data: &str,
+        metadata: HashMap<String, String>,
+    ) -> Result<String, ClientError> {
+        Ok(self
+            .pubsub()
+            .publish_event(pb::PublishEventRequest {
+                topic: topic.into(),
+                data: data.into(),
+                metadata,
+            })
+            .await?
+            .into_inner()
+            .id)
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

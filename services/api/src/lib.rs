@@ -35,16 +35,16 @@ use error::ApiError;
 pub enum RunError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot listen on {addr} ({what}): {source}")]
+    #[error("cannot listen on {addr} ({what}): {cause}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{what} server failed: {source}")]
+    #[error("{what} server failed: {cause}")]
     Serve {
         what: &'static str,
-        source: Box<dyn std::error::Error + Send + Sync>,
+        cause: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -89,20 +89,20 @@ impl Listeners {
             http.push(
                 TcpListener::bind(addr)
                     .await
-                    .map_err(|source| RunError::Bind {
+                    .map_err(|cause| RunError::Bind {
                         what: "HTTP",
                         addr,
-                        source,
+                        cause,
                     })?,
             );
         }
         let addr = config.grpc_addr();
         let grpc = TcpListener::bind(addr)
             .await
-            .map_err(|source| RunError::Bind {
+            .map_err(|cause| RunError::Bind {
                 what: "gRPC",
                 addr,
-                source,
+                cause,
             })?;
         Ok(Self { http, grpc })
     }
@@ -247,11 +247,11 @@ pub async fn run(
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(e))) => Err(RunError::Serve {
             what: "gRPC",
-            source: Box::new(e),
+            cause: Box::new(e),
         }),
         Ok(Err(e)) => Err(RunError::Serve {
             what: "gRPC",
-            source: Box::new(e),
+            cause: Box::new(e),
         }),
         Err(_) => {
             tracing::warn!(timeout = ?config.drain_timeout, "drain timed out; stopping anyway");

@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use anyhow::Context;
+
 use virtufin_api::{Config, Listeners};
 use virtufin_common::{config::parse_or_exit, logging, shutdown};
 
@@ -16,15 +18,16 @@ async fn main() -> ExitCode {
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("virtufin-api: {e:#}");
+            // One line on stderr (the journal keeps it under systemd); the
+            // error's own message already names its cause.
+            eprintln!("virtufin-api: {e}");
             ExitCode::from(1)
         }
     }
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let shutdown = shutdown::on_signals()?;
+    let shutdown = shutdown::on_signals().context("cannot install signal handlers")?;
     let listeners = Listeners::bind(&config).await?;
     virtufin_api::run(config, listeners, shutdown).await?;
     Ok(())

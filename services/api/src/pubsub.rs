@@ -261,7 +261,9 @@ impl Pubsub for PubsubService {
                 .into());
             }
             None => {
-                return Err(ApiError::invalid("the stream ended before its initial_request").into());
+                return Err(
+                    ApiError::invalid("the stream ended before its initial_request").into(),
+                );
             }
         };
         let spec = subscription_spec(&first.topic, &first.subscriber, &first.group)?;

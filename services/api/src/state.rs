@@ -375,11 +375,21 @@ impl State for StateService {
             .0
             .delete(&r.service, &r.key, &r.etag, r.include_value)
             .await?;
-        let message = if deleted {
-            format!("State deleted for {}/{}", r.service, r.key)
+        // Deleting nothing is not an error (deletes are idempotent); the
+        // status string says which case it was.
+        let (status, message) = if deleted {
+            ("OK", format!("State deleted for {}/{}", r.service, r.key))
         } else {
-            format!("No state was stored for {}/{}", r.service, r.key)
+            (
+                "NOT_FOUND",
+                format!("No state was stored for {}/{}", r.service, r.key),
+            )
         };
-        Ok(Response::new(ok(message, String::new())))
+        Ok(Response::new(StatusResponse {
+            success: true,
+            status: status.into(),
+            message,
+            etag: String::new(),
+        }))
     }
 }
