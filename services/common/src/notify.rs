@@ -84,3 +84,46 @@ impl Notifier {
         }
     }
 }
+
+/// The receiving end of the notify protocol, for supervisors that start
+/// services themselves (`virtufin up`) and for tests: a datagram socket
+/// whose path goes into the child's `NOTIFY_SOCKET`.
+#[derive(Debug)]
+pub struct Listener {
+    socket: tokio::net::UnixDatagram,
+    path: std::path::PathBuf,
+}
+
+impl Listener {
+    /// Binds a socket at `path` (removing a stale one first).
+    pub fn bind(path: impl Into<std::path::PathBuf>) -> std::io::Result<Self> {
+        let path = path.into();
+        let _ = std::fs::remove_file(&path);
+        let socket = tokio::net::UnixDatagram::bind(&path)?;
+        Ok(Self { socket, path })
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// The next notification: one datagram such as `READY=1\nSTATUS=…`.
+    pub async fn recv(&self) -> std::io::Result<String> {
+        let mut buf = vec![0u8; 4096];
+        let n = self.socket.recv(&mut buf).await?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The value of `NAME=` in a notification, if present.
+pub fn field<'a>(message: &'a str, name: &str) -> Option<&'a str> {
+    message
+        .lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix('=')))
+}

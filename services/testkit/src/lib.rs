@@ -151,38 +151,32 @@ impl Drop for ValkeyServer {
 
 /// A datagram socket standing in for systemd's `NOTIFY_SOCKET`.
 pub struct NotifyListener {
-    socket: tokio::net::UnixDatagram,
-    path: PathBuf,
+    inner: virtufin_common::notify::Listener,
     _dir: tempfile::TempDir,
 }
 
 impl NotifyListener {
     pub fn bind() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("notify.sock");
-        let socket = tokio::net::UnixDatagram::bind(&path).expect("bind notify socket");
-        Self {
-            socket,
-            path,
-            _dir: dir,
-        }
+        let inner = virtufin_common::notify::Listener::bind(dir.path().join("notify.sock"))
+            .expect("bind notify socket");
+        Self { inner, _dir: dir }
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.inner.path()
     }
 
     /// The next notification (one datagram, e.g. "READY=1\nSTATUS=...").
     pub async fn recv(&self, within: Duration) -> Option<String> {
-        let mut buf = vec![0u8; 4096];
-        match tokio::time::timeout(within, self.socket.recv(&mut buf)).await {
-            Ok(Ok(n)) => Some(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            _ => None,
-        }
+        tokio::time::timeout(within, self.inner.recv())
+            .await
+            .ok()?
+            .ok()
     }
 
-    /// Waits for a datagram containing `needle`; returns every datagram seen
-    /// on the way (the last one contains it).
+    /// Waits for a datagram with a line starting with `needle`; returns
+    /// every datagram seen on the way (the last one holds it).
     pub async fn wait_for(&self, needle: &str, within: Duration) -> Vec<String> {
         let deadline = tokio::time::Instant::now() + within;
         let mut seen = Vec::new();
@@ -190,7 +184,7 @@ impl NotifyListener {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             match self.recv(left).await {
                 Some(m) => {
-                    let hit = m.lines().any(|l| l == needle || l.starts_with(needle));
+                    let hit = m.lines().any(|l| l.starts_with(needle));
                     seen.push(m);
                     if hit {
                         return seen;

@@ -1,0 +1,131 @@
+//! `virtufin up` starts the stack and waits for READY=1 through
+//! NOTIFY_SOCKET; `virtufin smoke` passes against it; Ctrl-C stops it.
+//! Uses the virtufin-api binary that the workspace build put beside
+//! `virtufin`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+};
+
+const CLI: &str = env!("CARGO_BIN_EXE_virtufin");
+
+fn bin_dir() -> PathBuf {
+    let dir = PathBuf::from(CLI).parent().unwrap().to_path_buf();
+    assert!(
+        dir.join("virtufin-api").is_file(),
+        "virtufin-api is not built in {}: run the tests with `cargo test --workspace`",
+        dir.display()
+    );
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_then_smoke_then_ctrl_c() {
+    let state = tempfile::tempdir().unwrap();
+    let mut up = Command::new(CLI)
+        .arg("up")
+        .arg("--valkey")
+        .arg("embedded")
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--bin-dir")
+        .arg(bin_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if l.contains("virtufin stack is up") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .expect("the stack comes up in time");
+    assert!(ready, "up ended before the stack was up");
+
+    let smoke = Command::new(CLI).arg("smoke").output().await.unwrap();
+    let out = String::from_utf8_lossy(&smoke.stdout);
+    assert!(smoke.status.success(), "{out}");
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("PASS")).count(),
+        6,
+        "{out}"
+    );
+    assert!(!out.contains("FAIL"), "{out}");
+
+    let set = Command::new(CLI)
+        .args(["state", "set", "cli", "k", "v1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(set.status.success());
+    let get = Command::new(CLI)
+        .args(["state", "get", "cli", "k"])
+        .output()
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(v["value"], "v1");
+    let missing = Command::new(CLI)
+        .args(["state", "get", "cli", "nope"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(3));
+
+    // Ctrl-C (SIGINT to `up` alone: the services run in their own process
+    // group) stops everything in reverse order, and `up` exits 0.
+    let pid = up.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .await
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), up.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let after = Command::new(CLI).arg("smoke").output().await.unwrap();
+    assert_eq!(
+        after.status.code(),
+        Some(1),
+        "nothing answers once the stack is down"
+    );
+    assert!(String::from_utf8_lossy(&after.stdout).contains("FAIL  Health/HealthCheck"));
+}
+
+#[tokio::test]
+async fn up_without_the_service_binaries_says_what_to_do() {
+    let state = tempfile::tempdir().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    // Copy the CLI alone, so nothing is beside it.
+    let lonely = empty.path().join("virtufin");
+    std::fs::copy(CLI, &lonely).unwrap();
+    let out = Command::new(&lonely)
+        .args(["up", "--valkey", "embedded", "--state-dir"])
+        .arg(state.path())
+        .env("PATH", "/nonexistent")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("virtufin-api was not found") && err.contains("cargo build"),
+        "{err}"
+    );
+}
