@@ -10,7 +10,6 @@ use std::{
 };
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use virtufin_common::{Health, Notifier};
 use virtufin_proto::api::v1::{
@@ -192,7 +191,6 @@ pub async fn run(
         // within 40 s.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(30)))
         .add_service(std_health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -204,7 +202,12 @@ pub async fn run(
             app: app.clone(),
         }))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            // Our own listener, so the server's socket options must be set
+            // here: without TCP_NODELAY small replies wait ~40 ms for a
+            // delayed ACK.
+            tonic::transport::server::TcpIncoming::from(listeners.grpc)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(30))),
             shutdown.clone().cancelled_owned(),
         );
 

@@ -2,7 +2,7 @@
 //! behind GetAllState, and `state-changes` events.
 
 use std::{
-    collections::{BTreeSet, HashMap, HashSet},
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
 };
 
@@ -41,8 +41,12 @@ pub fn store_key(service: &str, key: &str) -> String {
     format!("{service}/{key}")
 }
 
-/// Where the list of a service's registered keys is kept. Service names
-/// start with a letter or digit, so this can never be a user's key.
+/// Per service, how many registered keys this api remembers (beyond that
+/// it asks the store again; registering is idempotent anyway).
+const KNOWN_KEYS_CACHE: usize = 100_000;
+
+/// The set of a service's registered keys. Service names start with a
+/// letter or digit, so this can never be a user's key.
 fn registry_key(service: &str) -> String {
     format!("__virtufin/registered-keys/{service}")
 }
@@ -134,7 +138,8 @@ impl StateApi {
     pub async fn get_all(&self, service: &str) -> Result<HashMap<String, String>, ApiError> {
         validate::service(service)?;
         let backend = self.app.backend()?;
-        let keys: Vec<String> = self.load_registry(service).await?.0.into_iter().collect();
+        let mut keys = self.registered(service).await?;
+        keys.sort();
         let mut out = HashMap::new();
         for chunk in keys.chunks(500) {
             let store_keys: Vec<String> = chunk.iter().map(|k| store_key(service, k)).collect();
@@ -161,88 +166,36 @@ impl StateApi {
         for k in keys {
             validate::key(k)?;
         }
-        let missing: Vec<&String> = {
+        let missing: Vec<String> = {
             let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
             let set = known.get(service);
             keys.iter()
                 .filter(|k| set.is_none_or(|s| !s.contains(*k)))
+                .cloned()
                 .collect()
         };
         if missing.is_empty() {
             return Ok(0);
         }
         let backend = self.app.backend()?;
-        // Optimistic read-modify-write: another api instance may register
-        // keys of the same service at the same time. (Creating the registry
-        // is unconditional: two instances racing on a service's very first
-        // key can lose one registration, which the next save restores.)
-        for _ in 0..16 {
-            let (mut set, etag) = self.load_registry(service).await?;
-            let before = set.len();
-            set.extend(missing.iter().map(|k| (*k).clone()));
-            let added = set.len() - before;
-            if added == 0 {
-                return Ok(0);
-            }
-            if set.len() > self.limits().max_keys {
-                return Err(ApiError {
-                    code: tonic::Code::ResourceExhausted,
-                    message: format!(
-                        "service '{service}' would have {} registered keys; the limit is {}",
-                        set.len(),
-                        self.limits().max_keys
-                    ),
-                });
-            }
-            let body = serde_json::to_string(&set)
-                .map_err(|e| ApiError::invalid(format!("cannot encode the key registry: {e}")))?;
-            match backend
-                .state
-                .set(&registry_key(service), &body, etag.as_deref())
-                .await
-            {
-                Ok(_) => {
-                    self.remember(service, &set);
-                    return Ok(added);
-                }
-                Err(StoreError::EtagMismatch { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(ApiError {
-            code: tonic::Code::Aborted,
-            message: format!("the key registry of '{service}' kept changing; try again"),
-        })
-    }
-
-    /// The registry and its etag (None when the registry does not exist).
-    async fn load_registry(
-        &self,
-        service: &str,
-    ) -> Result<(BTreeSet<String>, Option<String>), ApiError> {
-        let backend = self.app.backend()?;
-        match backend.state.get(&registry_key(service)).await? {
-            None => Ok((BTreeSet::new(), None)),
-            Some(v) => {
-                let set: BTreeSet<String> =
-                    serde_json::from_str(&v.value).map_err(|e| ApiError {
-                        code: tonic::Code::DataLoss,
-                        message: format!(
-                            "the key registry of '{service}' is not a JSON list of keys: {e}"
-                        ),
-                    })?;
-                self.remember(service, &set);
-                Ok((set, Some(v.etag)))
-            }
-        }
-    }
-
-    fn remember(&self, service: &str, keys: &BTreeSet<String>) {
+        let added = backend
+            .state
+            .set_add(&registry_key(service), &missing)
+            .await?;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
-        known
-            .entry(service.to_owned())
-            .or_default()
-            .extend(keys.iter().cloned());
+        let set = known.entry(service.to_owned()).or_default();
+        // Only a shortcut past the store's idempotent add: keep it bounded.
+        if set.len() + missing.len() > KNOWN_KEYS_CACHE {
+            set.clear();
+        }
+        set.extend(missing);
+        Ok(added)
+    }
+
+    /// The service's registered keys.
+    async fn registered(&self, service: &str) -> Result<Vec<String>, ApiError> {
+        let backend = self.app.backend()?;
+        Ok(backend.state.set_members(&registry_key(service)).await?)
     }
 
     /// Publishes a `state-changes` event. The write already succeeded, so a

@@ -106,6 +106,23 @@ pub async fn get_many_mixes_hits_and_misses(b: Backend) {
     assert!(s.get_many(&[]).await.unwrap().is_empty());
 }
 
+pub async fn sets_add_and_list_members(b: Backend) {
+    let s = &b.state;
+    assert!(s.set_members("reg/x").await.unwrap().is_empty());
+    let added = s.set_add("reg/x", &["a".into(), "b".into()]).await.unwrap();
+    assert_eq!(added, 2);
+    assert_eq!(
+        s.set_add("reg/x", &["b".into(), "c".into()]).await.unwrap(),
+        1
+    );
+    let mut m = s.set_members("reg/x").await.unwrap();
+    m.sort();
+    assert_eq!(m, vec!["a", "b", "c"]);
+    assert_eq!(s.set_add("reg/x", &[]).await.unwrap(), 0);
+    // Sets and values do not see each other.
+    assert_eq!(s.get("reg/x").await.unwrap(), None);
+}
+
 pub async fn each_group_gets_every_event(b: Backend) {
     let p = &b.pubsub;
     let mut g1 = p.subscribe(spec("t.groups", "g1", "a")).await.unwrap();
@@ -255,6 +272,7 @@ macro_rules! conformance_tests {
             state_roundtrip_and_versions,
             stale_etag_changes_nothing,
             get_many_mixes_hits_and_misses,
+            sets_add_and_list_members,
             each_group_gets_every_event,
             new_group_starts_at_retained_history,
             members_of_a_group_share_events,

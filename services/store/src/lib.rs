@@ -58,6 +58,12 @@ pub trait StateStore: Send + Sync + 'static {
     /// Deletes the key. With `etag`, only if it still matches. Returns
     /// whether something was deleted.
     async fn delete(&self, key: &str, etag: Option<&str>) -> Result<bool>;
+    /// Adds members to the set at `key` (created on first use); returns
+    /// how many were new. Sets live beside the state, under keys of their
+    /// own: `get`/`set` do not read them.
+    async fn set_add(&self, key: &str, members: &[String]) -> Result<usize>;
+    /// The members of the set at `key` (empty when it does not exist).
+    async fn set_members(&self, key: &str) -> Result<Vec<String>>;
     /// Cheap round trip that proves the backend answers.
     async fn ping(&self) -> Result<()>;
 }

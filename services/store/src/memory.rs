@@ -63,6 +63,7 @@ struct Stream {
 #[derive(Debug, Default)]
 struct Inner {
     state: HashMap<String, (String, u64)>,
+    sets: HashMap<String, std::collections::BTreeSet<String>>,
     streams: HashMap<String, Stream>,
 }
 
@@ -142,6 +143,21 @@ impl StateStore for MemoryStore {
         let current = g.state.get(key).map(|(_, n)| *n);
         check_etag(key, current, etag)?;
         Ok(g.state.remove(key).is_some())
+    }
+
+    async fn set_add(&self, key: &str, members: &[String]) -> Result<usize> {
+        let mut g = self.lock();
+        let set = g.sets.entry(key.to_owned()).or_default();
+        Ok(members.iter().filter(|m| set.insert((*m).clone())).count())
+    }
+
+    async fn set_members(&self, key: &str) -> Result<Vec<String>> {
+        Ok(self
+            .lock()
+            .sets
+            .get(key)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -198,6 +198,12 @@ impl ValkeyStore {
         format!("{}||{}", self.options.key_prefix, key)
     }
 
+    /// The Valkey key of a set: `<prefix>|sets||<key>`, outside the state
+    /// namespace (`<prefix>||…`), so no state key can ever meet it.
+    pub fn set_key(&self, key: &str) -> String {
+        format!("{}|sets||{}", self.options.key_prefix, key)
+    }
+
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         let mut c = self.conn.clone();
         cmd.query_async(&mut c).await.map_err(map_err)
@@ -278,6 +284,19 @@ impl StateStore for ValkeyStore {
             });
         }
         Ok(n > 0)
+    }
+
+    async fn set_add(&self, key: &str, members: &[String]) -> Result<usize> {
+        if members.is_empty() {
+            return Ok(0);
+        }
+        self.query(redis::cmd("SADD").arg(self.set_key(key)).arg(members))
+            .await
+    }
+
+    async fn set_members(&self, key: &str) -> Result<Vec<String>> {
+        self.query(redis::cmd("SMEMBERS").arg(self.set_key(key)))
+            .await
     }
 
     async fn ping(&self) -> Result<()> {
