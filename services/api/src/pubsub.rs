@@ -20,7 +20,7 @@ use virtufin_proto::api::v1::{
     subscribe_topic_events_request::SubscribeTopicEventsRequestType as Req,
     subscribe_topic_events_response::SubscribeTopicEventsResponseType as Resp,
 };
-use virtufin_store::{Outcome, SubscriptionSpec};
+use virtufin_store::{Outcome, Subscription, SubscriptionSpec};
 
 use crate::{App, cloudevent, error::ApiError, validate};
 
@@ -157,6 +157,28 @@ pub struct PubsubService {
     pub app: Arc<App>,
 }
 
+impl PubsubService {
+    /// Joins the group and registers the stream (so Unsubscribe and
+    /// shutdown can end it); the guard unregisters it when the task ends.
+    async fn open(
+        &self,
+        spec: &SubscriptionSpec,
+        acknowledged: bool,
+    ) -> Result<(Subscription, CancellationToken, Registered), ApiError> {
+        let backend = self.app.backend()?;
+        let sub = backend.pubsub.subscribe(spec.clone()).await?;
+        let (id, token) = self
+            .app
+            .subscriptions
+            .add(spec, acknowledged, &self.app.shutdown);
+        let guard = Registered {
+            registry: self.app.subscriptions.clone(),
+            id,
+        };
+        Ok((sub, token, guard))
+    }
+}
+
 #[tonic::async_trait]
 impl Pubsub for PubsubService {
     async fn publish_event(
@@ -180,17 +202,7 @@ impl Pubsub for PubsubService {
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = req.into_inner();
         let spec = subscription_spec(&r.topic, &r.subscriber, &r.group)?;
-        let backend = self.app.backend()?;
-        let mut sub = backend
-            .pubsub
-            .subscribe(spec.clone())
-            .await
-            .map_err(ApiError::from)?;
-        let (id, token) = self.app.subscriptions.add(&spec, false, &self.app.shutdown);
-        let guard = Registered {
-            registry: self.app.subscriptions.clone(),
-            id,
-        };
+        let (mut sub, token, guard) = self.open(&spec, false).await?;
         let (tx, rx) = mpsc::channel(16);
         let pubsub_name = self.app.event_defaults.pubsub_name.clone();
         tracing::info!(topic = %spec.topic, group = %spec.group, subscriber = %spec.subscriber, "subscribed");
@@ -222,6 +234,7 @@ impl Pubsub for PubsubService {
                     }
                 }
             }
+            sub.close().await;
             tracing::info!(topic = %spec.topic, group = %spec.group, subscriber = %spec.subscriber, "subscription ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -267,17 +280,7 @@ impl Pubsub for PubsubService {
             }
         };
         let spec = subscription_spec(&first.topic, &first.subscriber, &first.group)?;
-        let backend = self.app.backend()?;
-        let mut sub = backend
-            .pubsub
-            .subscribe(spec.clone())
-            .await
-            .map_err(ApiError::from)?;
-        let (id, token) = self.app.subscriptions.add(&spec, true, &self.app.shutdown);
-        let guard = Registered {
-            registry: self.app.subscriptions.clone(),
-            id,
-        };
+        let (mut sub, token, guard) = self.open(&spec, true).await?;
         let (tx, rx) = mpsc::channel(16);
         let initial = SubscribeTopicEventsResponse {
             subscribe_topic_events_response_type: Some(Resp::InitialResponse(
@@ -340,6 +343,7 @@ impl Pubsub for PubsubService {
                     },
                 }
             }
+            sub.close().await;
             tracing::info!(topic = %spec.topic, group = %spec.group, subscriber = %spec.subscriber, "acknowledged subscription ended");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

@@ -198,7 +198,7 @@ pub async fn returning_subscriber_gets_its_pending_first(b: Backend) {
     let mut s = p.subscribe(spec("t.back", "g", "same")).await.unwrap();
     p.publish("t.back", b"unsettled").await.unwrap();
     let d = next(&mut s).await;
-    drop(s);
+    s.close().await;
     let mut s = p.subscribe(spec("t.back", "g", "same")).await.unwrap();
     let again = next(&mut s).await;
     assert_eq!(again.entry_id, d.entry_id);
@@ -233,7 +233,7 @@ pub async fn settled_events_are_not_redelivered(b: Backend) {
         let d = next(&mut s).await;
         s.settle(&d.entry_id, Outcome::Success);
     }
-    drop(s);
+    s.close().await;
     let mut s = p.subscribe(spec("t.done", "g", "one")).await.unwrap();
     nothing_for(&mut s, Duration::from_millis(600)).await;
 }

@@ -133,6 +133,7 @@ pub struct Subscription {
     pub(crate) rx: tokio::sync::mpsc::Receiver<Result<Delivery>>,
     pub(crate) acks: tokio::sync::mpsc::UnboundedSender<(String, Outcome)>,
     pub(crate) guard: tokio_util::sync::DropGuard,
+    pub(crate) done: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Subscription {
@@ -152,8 +153,16 @@ impl Subscription {
         Settler(self.acks.clone())
     }
 
-    pub fn close(self) {
-        drop(self.guard);
+    /// Ends the subscription and waits until every settlement sent before
+    /// has reached the broker, so a subscriber that closes and comes back
+    /// sees nothing it already settled. (Dropping ends it too, without
+    /// waiting.)
+    pub async fn close(self) {
+        let Self {
+            guard, mut done, ..
+        } = self;
+        drop(guard);
+        let _ = done.wait_for(|d| *d).await;
     }
 }
 

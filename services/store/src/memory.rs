@@ -206,6 +206,37 @@ impl Stream {
     }
 }
 
+/// Moves pending `ids` to `consumer` (resetting their idle time) and
+/// returns their entries; ids whose entry was trimmed away leave the
+/// pending list, as `XCLAIM` does.
+fn take_over(
+    entries: &BTreeMap<Id, Bytes>,
+    gr: &mut Group,
+    ids: &[Id],
+    consumer: &str,
+) -> Vec<Entry> {
+    let now = Instant::now();
+    let mut out = Vec::new();
+    for id in ids {
+        match entries.get(id) {
+            Some(d) => {
+                if let Some(p) = gr.pending.get_mut(id) {
+                    p.consumer = consumer.to_owned();
+                    p.delivered_at = now;
+                }
+                out.push(Entry {
+                    id: id_str(*id),
+                    data: d.clone(),
+                });
+            }
+            None => {
+                gr.pending.remove(id);
+            }
+        }
+    }
+    out
+}
+
 #[async_trait]
 impl Streams for MemoryStore {
     type Reader = MemoryReader;
@@ -309,26 +340,12 @@ impl Streams for MemoryStore {
         let Some(gr) = s.groups.get_mut(group) else {
             return Ok(Vec::new());
         };
-        let mut out = Vec::new();
-        for id in ids.iter().filter_map(|i| parse_id(i)) {
-            let Some(p) = gr.pending.get_mut(&id) else {
-                continue;
-            };
-            match s.entries.get(&id) {
-                Some(d) => {
-                    p.consumer = consumer.to_owned();
-                    p.delivered_at = Instant::now();
-                    out.push(Entry {
-                        id: id_str(id),
-                        data: d.clone(),
-                    });
-                }
-                None => {
-                    gr.pending.remove(&id);
-                }
-            }
-        }
-        Ok(out)
+        let ids: Vec<Id> = ids
+            .iter()
+            .filter_map(|i| parse_id(i))
+            .filter(|id| gr.pending.contains_key(id))
+            .collect();
+        Ok(take_over(&s.entries, gr, &ids, consumer))
     }
 
     async fn autoclaim(
@@ -354,25 +371,7 @@ impl Streams for MemoryStore {
             .map(|(id, _)| *id)
             .take(count)
             .collect();
-        let mut out = Vec::new();
-        for id in stale {
-            match s.entries.get(&id) {
-                Some(d) => {
-                    if let Some(p) = gr.pending.get_mut(&id) {
-                        p.consumer = consumer.to_owned();
-                        p.delivered_at = now;
-                    }
-                    out.push(Entry {
-                        id: id_str(id),
-                        data: d.clone(),
-                    });
-                }
-                None => {
-                    gr.pending.remove(&id);
-                }
-            }
-        }
-        Ok(out)
+        Ok(take_over(&s.entries, gr, &stale, consumer))
     }
 
     async fn forget_consumer(&self, topic: &str, group: &str, consumer: &str) -> Result<()> {

@@ -101,7 +101,9 @@ impl<S: Streams> PubSub for StreamPubSub<S> {
         let (out_tx, out_rx) = mpsc::channel(self.options.max_in_flight.clamp(1, 64));
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         let worker = Worker {
+            done: done_tx,
             streams: self.streams.clone(),
             options: self.options.clone(),
             spec,
@@ -116,6 +118,7 @@ impl<S: Streams> PubSub for StreamPubSub<S> {
             rx: out_rx,
             acks: ack_tx,
             guard: cancel.drop_guard(),
+            done: done_rx,
         })
     }
 
@@ -135,6 +138,8 @@ struct Worker<S: Streams> {
     permits: Arc<Semaphore>,
     retries: DelayQueue<String>,
     cancel: CancellationToken,
+    /// Set once the worker has finished (settlements flushed).
+    done: tokio::sync::watch::Sender<bool>,
 }
 
 impl<S: Streams> Worker<S> {
@@ -333,6 +338,7 @@ impl<S: Streams> Worker<S> {
         {
             tracing::debug!(error = %e, "could not remove the consumer");
         }
+        let _ = self.done.send(true);
     }
 }
 
