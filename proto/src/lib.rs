@@ -7,6 +7,17 @@ pub mod api {
     }
 }
 
-/// Encoded `FileDescriptorSet` of every Virtufin proto, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/virtufin_descriptor.bin"));
+pub mod websocketmanager {
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("virtufin.websocketmanager.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of the api's protos, for gRPC reflection.
+pub const API_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/api_descriptor.bin"));
+
+/// Encoded `FileDescriptorSet` of the websocketmanager's protos.
+pub const WEBSOCKETMANAGER_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/websocketmanager_descriptor.bin"));

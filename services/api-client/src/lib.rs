@@ -10,6 +10,9 @@ use virtufin_proto::api::v1::{
     health_client::HealthClient, pubsub_client::PubsubClient, state_client::StateClient,
 };
 
+/// Largest message this client sends or accepts (matches the api's).
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Why a call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -90,10 +93,14 @@ impl ApiClient {
 
     pub fn state(&self) -> StateClient<Channel> {
         StateClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     pub fn pubsub(&self) -> PubsubClient<Channel> {
         PubsubClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// The readiness handshake: OK only when the api reports itself ready.

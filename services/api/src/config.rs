@@ -118,7 +118,7 @@ pub struct Config {
     pub max_value_bytes: usize,
 
     /// Largest event data, in bytes.
-    #[arg(long, env = "VIRTUFIN_MAX_EVENT_BYTES", default_value = "1048576", value_parser = parse_positive)]
+    #[arg(long, env = "VIRTUFIN_MAX_EVENT_BYTES", default_value = "4194304", value_parser = parse_positive)]
     pub max_event_bytes: usize,
 
     /// How often the backend's health is probed.

@@ -29,6 +29,11 @@ pub mod validate;
 pub use config::{BackendKind, Config};
 use error::ApiError;
 
+/// Largest gRPC message the api accepts or sends: room for the largest
+/// event (`--max-event-bytes`, 4 MiB by default) and its envelope; batches
+/// beyond it are refused by gRPC itself.
+pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+
 /// Why the api could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -175,12 +180,12 @@ pub async fn run(
         shutdown.clone(),
     ));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(virtufin_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(virtufin_proto::API_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| RunError::Config(format!("reflection: {e}")))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(virtufin_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(virtufin_proto::API_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .map_err(|e| RunError::Config(format!("reflection: {e}")))?;

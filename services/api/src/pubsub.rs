@@ -14,9 +14,10 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use virtufin_proto::api::v1::{
-    EventStatus, PublishEventRequest, PublishEventResponse, StatusResponse, SubscribeRequest,
-    SubscribeTopicEventsInitialResponse, SubscribeTopicEventsRequest, SubscribeTopicEventsResponse,
-    TopicEventRequest, UnsubscribeRequest, pubsub_server::Pubsub,
+    EventStatus, PublishEventRequest, PublishEventResponse, PublishEventsRequest,
+    PublishEventsResponse, StatusResponse, SubscribeRequest, SubscribeTopicEventsInitialResponse,
+    SubscribeTopicEventsRequest, SubscribeTopicEventsResponse, TopicEventRequest,
+    UnsubscribeRequest, pubsub_server::Pubsub,
     subscribe_topic_events_request::SubscribeTopicEventsRequestType as Req,
     subscribe_topic_events_response::SubscribeTopicEventsResponseType as Resp,
 };
@@ -148,6 +149,53 @@ pub async fn publish(
     Ok(id)
 }
 
+/// Publishes several events in order; all are checked before any is
+/// published. Returns their CloudEvent ids.
+pub async fn publish_many(
+    app: &App,
+    events: &[PublishEventRequest],
+) -> Result<Vec<String>, ApiError> {
+    if events.len() > MAX_BATCH {
+        return Err(ApiError::invalid(format!(
+            "{} events in one call; the limit is {MAX_BATCH}",
+            events.len()
+        )));
+    }
+    let mut ids = Vec::with_capacity(events.len());
+    let mut built = Vec::with_capacity(events.len());
+    let mut total = 0usize;
+    for (i, e) in events.iter().enumerate() {
+        let at = |err: ApiError| ApiError {
+            message: format!("event {i}: {}", err.message),
+            ..err
+        };
+        validate::topic(&e.topic).map_err(at)?;
+        validate::value_size("data", e.data.len(), app.limits.max_event_bytes).map_err(at)?;
+        total += e.data.len();
+        let (id, bytes) = cloudevent::build(
+            &e.topic,
+            &e.data,
+            &e.metadata,
+            &app.event_defaults,
+            app.limits.max_metadata_entries,
+        )
+        .map_err(at)?;
+        ids.push(id);
+        built.push((e.topic.clone(), bytes));
+    }
+    validate::value_size(
+        "the batch's data",
+        total,
+        app.limits.max_event_bytes.saturating_mul(4),
+    )?;
+    let backend = app.backend()?;
+    backend.pubsub.publish_batch(&built).await?;
+    Ok(ids)
+}
+
+/// Most events in one PublishEvents call.
+pub const MAX_BATCH: usize = 1000;
+
 type EventStream = Pin<Box<dyn Stream<Item = Result<TopicEventRequest, Status>> + Send>>;
 type AckStream = Pin<Box<dyn Stream<Item = Result<SubscribeTopicEventsResponse, Status>> + Send>>;
 
@@ -192,6 +240,15 @@ impl Pubsub for PubsubService {
             id,
             message: format!("Event published to {}", r.topic),
         }))
+    }
+
+    async fn publish_events(
+        &self,
+        req: Request<PublishEventsRequest>,
+    ) -> Result<Response<PublishEventsResponse>, Status> {
+        let r = req.into_inner();
+        let ids = publish_many(&self.app, &r.events).await?;
+        Ok(Response::new(PublishEventsResponse { ids }))
     }
 
     type SubscribeStream = EventStream;

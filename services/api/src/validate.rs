@@ -20,7 +20,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_value_bytes: 1024 * 1024,
-            max_event_bytes: 1024 * 1024,
+            max_event_bytes: 4 * 1024 * 1024,
             max_metadata_entries: 64,
             max_keys: 10_000,
         }

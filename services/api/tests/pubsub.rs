@@ -373,7 +373,45 @@ async fn start_with_limit(kind: Kind) -> common::TestApi {
     common::start_with(kind, |c| c.max_event_bytes = 256).await
 }
 
+async fn batches_are_ordered_and_all_or_nothing(kind: Kind) {
+    let api = start(kind).await;
+    ready(&api).await;
+    let mut s = subscribe(&api, "batch", "r", "g").await;
+    let ev = |topic: &str, id: &str| pb::PublishEventRequest {
+        topic: topic.into(),
+        data: id.into(),
+        metadata: md(&[("ce-id", id)]),
+    };
+    let mut p = api.client.pubsub();
+    let err = p
+        .publish_events(pb::PublishEventsRequest {
+            events: vec![ev("batch", "x1"), ev("bad topic", "x2")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("event 1:"), "{}", err.message());
+    let ids = p
+        .publish_events(pb::PublishEventsRequest {
+            events: (0..5).map(|i| ev("batch", &format!("b{i}"))).collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ids;
+    assert_eq!(ids, vec!["b0", "b1", "b2", "b3", "b4"]);
+    for i in 0..5 {
+        assert_eq!(
+            next(&mut s).await.id,
+            format!("b{i}"),
+            "in order, and x1 was never published"
+        );
+    }
+    api.stop().await;
+}
+
 both_backends!(
+    batches_are_ordered_and_all_or_nothing,
     envelope_and_extensions,
     groups_fan_out_and_members_share,
     unsubscribe_ends_matching_streams_only,

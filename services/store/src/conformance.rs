@@ -142,6 +142,23 @@ pub async fn each_group_gets_every_event(b: Backend) {
     }
 }
 
+pub async fn batches_publish_in_order(b: Backend) {
+    let p = &b.pubsub;
+    let mut s = p.subscribe(spec("t.batch", "g", "x")).await.unwrap();
+    let events: Vec<(String, Vec<u8>)> = (0..10)
+        .map(|i| ("t.batch".to_owned(), format!("b{i}").into_bytes()))
+        .collect();
+    let ids = p.publish_batch(&events).await.unwrap();
+    assert_eq!(ids.len(), 10);
+    for i in 0..10 {
+        let d = next(&mut s).await;
+        assert_eq!(d.data, format!("b{i}").as_bytes());
+        assert_eq!(d.entry_id, ids[i]);
+        s.settle(&d.entry_id, Outcome::Success);
+    }
+    assert!(p.publish_batch(&[]).await.unwrap().is_empty());
+}
+
 pub async fn new_group_starts_at_retained_history(b: Backend) {
     let p = &b.pubsub;
     p.publish("t.history", b"before").await.unwrap();
@@ -274,6 +291,7 @@ macro_rules! conformance_tests {
             get_many_mixes_hits_and_misses,
             sets_add_and_list_members,
             each_group_gets_every_event,
+            batches_publish_in_order,
             new_group_starts_at_retained_history,
             members_of_a_group_share_events,
             unsettled_event_is_redelivered_to_another_member,

@@ -181,6 +181,15 @@ impl Settler {
 pub trait PubSub: Send + Sync + 'static {
     /// Appends `data` (a CloudEvent in JSON) to `topic`; returns the entry id.
     async fn publish(&self, topic: &str, data: &[u8]) -> Result<String>;
+    /// Appends several events in order, in one round trip where the
+    /// backend allows; returns their entry ids.
+    async fn publish_batch(&self, events: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+        let mut ids = Vec::with_capacity(events.len());
+        for (topic, data) in events {
+            ids.push(self.publish(topic, data).await?);
+        }
+        Ok(ids)
+    }
     /// Joins `spec.group` as `spec.subscriber`. The group is created on
     /// first use and starts at the beginning of the topic's retained history.
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription>;

@@ -30,6 +30,14 @@ pub trait Streams: Send + Sync + 'static {
     type Reader: StreamReader;
     /// `XADD topic MAXLEN ~ n * data <data>`.
     async fn add(&self, topic: &str, data: &[u8]) -> Result<String>;
+    /// Several `add`s in order (pipelined where possible).
+    async fn add_many(&self, events: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+        let mut ids = Vec::with_capacity(events.len());
+        for (topic, data) in events {
+            ids.push(self.add(topic, data).await?);
+        }
+        Ok(ids)
+    }
     /// `XGROUP CREATE topic group 0 MKSTREAM`, tolerating an existing group.
     async fn create_group(&self, topic: &str, group: &str) -> Result<()>;
     /// A reader for new entries, on its own connection (reads block).
@@ -90,6 +98,10 @@ impl<S: Streams> StreamPubSub<S> {
 impl<S: Streams> PubSub for StreamPubSub<S> {
     async fn publish(&self, topic: &str, data: &[u8]) -> Result<String> {
         self.streams.add(topic, data).await
+    }
+
+    async fn publish_batch(&self, events: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+        self.streams.add_many(events).await
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription> {

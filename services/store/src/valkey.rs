@@ -323,6 +323,25 @@ impl Streams for ValkeyStore {
         .await
     }
 
+    async fn add_many(&self, events: &[(String, Vec<u8>)]) -> Result<Vec<String>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (topic, data) in events {
+            pipe.cmd("XADD")
+                .arg(topic)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.options.stream_max_len)
+                .arg("*")
+                .arg("data")
+                .arg(data.as_slice());
+        }
+        let mut c = self.conn.clone();
+        pipe.query_async(&mut c).await.map_err(map_err)
+    }
+
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
         let r: Result<Value> = self
             .query(
