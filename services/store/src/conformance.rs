@@ -150,10 +150,10 @@ pub async fn batches_publish_in_order(b: Backend) {
         .collect();
     let ids = p.publish_batch(&events).await.unwrap();
     assert_eq!(ids.len(), 10);
-    for i in 0..10 {
+    for (i, id) in ids.iter().enumerate() {
         let d = next(&mut s).await;
         assert_eq!(d.data, format!("b{i}").as_bytes());
-        assert_eq!(d.entry_id, ids[i]);
+        assert_eq!(&d.entry_id, id);
         s.settle(&d.entry_id, Outcome::Success);
     }
     assert!(p.publish_batch(&[]).await.unwrap().is_empty());
