@@ -2,6 +2,8 @@
 //! channel, and the readiness handshake (`Health/HealthCheck`) that the
 //! other services perform before they report ready.
 
+pub mod link;
+
 use std::{collections::HashMap, time::Duration};
 
 use tonic::transport::{Channel, Endpoint};
@@ -164,6 +166,31 @@ impl ApiClient {
             .await?
             .into_inner();
         Ok(r.status == "OK")
+    }
+
+    /// Every value of `service` (GetAllState).
+    pub async fn get_all(&self, service: &str) -> Result<HashMap<String, String>, ClientError> {
+        Ok(self
+            .state()
+            .get_all_state(pb::GetAllStateRequest {
+                service: service.into(),
+            })
+            .await?
+            .into_inner()
+            .values)
+    }
+
+    /// Publishes events in order in one call (PublishEvents).
+    pub async fn publish_many(
+        &self,
+        events: Vec<pb::PublishEventRequest>,
+    ) -> Result<Vec<String>, ClientError> {
+        Ok(self
+            .pubsub()
+            .publish_events(pb::PublishEventsRequest { events })
+            .await?
+            .into_inner()
+            .ids)
     }
 
     /// Publishes an event; `metadata` carries `ce-*` attributes.

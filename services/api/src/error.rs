@@ -1,81 +1,27 @@
-//! One error type for gRPC and REST, so both answer a bad request alike.
+//! The api's errors: the shared [`ApiError`], and how store errors map to
+//! gRPC codes.
 
-use axum::{Json, http::StatusCode, response::IntoResponse};
 use tonic::Code;
+pub use virtufin_common::ApiError;
 use virtufin_store::StoreError;
 
-/// An error answer: a gRPC code and a message a person can act on.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
-pub struct ApiError {
-    pub code: Code,
-    pub message: String,
+/// Maps a store failure to its gRPC code.
+pub fn store(e: StoreError) -> ApiError {
+    let code = match &e {
+        StoreError::EtagMismatch { .. } => Code::Aborted,
+        StoreError::Unavailable(_) => Code::Unavailable,
+        StoreError::Backend(_) => Code::Internal,
+    };
+    ApiError::new(code, e.to_string())
 }
 
-impl ApiError {
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self {
-            code: Code::InvalidArgument,
-            message: message.into(),
-        }
-    }
-
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self {
-            code: Code::Unavailable,
-            message: message.into(),
-        }
-    }
-
-    pub fn not_found(message: impl Into<String>) -> Self {
-        Self {
-            code: Code::NotFound,
-            message: message.into(),
-        }
-    }
-
-    pub fn http_status(&self) -> StatusCode {
-        match self.code {
-            Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
-            Code::NotFound => StatusCode::NOT_FOUND,
-            Code::Aborted | Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
-            Code::Unauthenticated => StatusCode::UNAUTHORIZED,
-            Code::PermissionDenied => StatusCode::FORBIDDEN,
-            Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
-            Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
-            Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
+/// `?`-friendly conversion of store results.
+pub trait StoreResultExt<T> {
+    fn api(self) -> Result<T, ApiError>;
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        let code = match &e {
-            StoreError::EtagMismatch { .. } => Code::Aborted,
-            StoreError::Unavailable(_) => Code::Unavailable,
-            StoreError::Backend(_) => Code::Internal,
-        };
-        Self {
-            code,
-            message: e.to_string(),
-        }
-    }
-}
-
-impl From<ApiError> for tonic::Status {
-    fn from(e: ApiError) -> Self {
-        tonic::Status::new(e.code, e.message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> axum::response::Response {
-        let body = serde_json::json!({
-            "error": self.message,
-            "code": format!("{:?}", self.code),
-        });
-        (self.http_status(), Json(body)).into_response()
+impl<T> StoreResultExt<T> for Result<T, StoreError> {
+    fn api(self) -> Result<T, ApiError> {
+        self.map_err(store)
     }
 }

@@ -3,44 +3,17 @@
 
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tonic_health::{ServingStatus, server::HealthReporter};
-use virtufin_common::Health;
 use virtufin_proto::api::v1::{HealthCheckRequest, HealthCheckResponse, health_server};
 
 use crate::App;
 
-const SERVICES: &[&str] = &[
+pub const SERVICES: &[&str] = &[
     "",
     "virtufin.api.v1.Health",
     "virtufin.api.v1.State",
     "virtufin.api.v1.Pubsub",
 ];
-
-/// Keeps `grpc.health.v1` in step with readiness.
-pub async fn follow(reporter: HealthReporter, health: Health, shutdown: CancellationToken) {
-    let mut rx = health.ready_watch();
-    loop {
-        let status = if *rx.borrow_and_update() {
-            ServingStatus::Serving
-        } else {
-            ServingStatus::NotServing
-        };
-        for s in SERVICES {
-            reporter.set_service_status(*s, status).await;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                for s in SERVICES {
-                    reporter.set_service_status(*s, ServingStatus::NotServing).await;
-                }
-                return;
-            }
-            r = rx.changed() => if r.is_err() { return },
-        }
-    }
-}
 
 pub struct ApiHealth {
     pub app: Arc<App>,

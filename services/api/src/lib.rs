@@ -4,12 +4,10 @@
 //! plus REST routes over HTTP.
 
 use std::{
-    net::SocketAddr,
     sync::{Arc, OnceLock},
     time::Duration,
 };
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use virtufin_common::{Health, Notifier};
 use virtufin_proto::api::v1::{
@@ -39,17 +37,8 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 pub enum RunError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("cannot listen on {addr} ({what}): {cause}")]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        cause: std::io::Error,
-    },
-    #[error("{what} server failed: {cause}")]
-    Serve {
-        what: &'static str,
-        cause: Box<dyn std::error::Error + Send + Sync>,
-    },
+    #[error(transparent)]
+    Serve(#[from] virtufin_common::serve::ServeError),
 }
 
 /// What every request handler shares.
@@ -78,49 +67,12 @@ impl App {
     }
 }
 
-/// The api's sockets, bound before anything else so that a port conflict
-/// fails the start at once.
-#[derive(Debug)]
-pub struct Listeners {
-    pub http: Vec<TcpListener>,
-    pub grpc: TcpListener,
-}
+pub use virtufin_common::serve::Listeners;
 
-impl Listeners {
-    pub async fn bind(config: &Config) -> Result<Self, RunError> {
-        let mut http = Vec::new();
-        for addr in config.http_addrs() {
-            http.push(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|cause| RunError::Bind {
-                        what: "HTTP",
-                        addr,
-                        cause,
-                    })?,
-            );
-        }
-        let addr = config.grpc_addr();
-        let grpc = TcpListener::bind(addr)
-            .await
-            .map_err(|cause| RunError::Bind {
-                what: "gRPC",
-                addr,
-                cause,
-            })?;
-        Ok(Self { http, grpc })
-    }
-
-    pub fn grpc_addr(&self) -> Option<SocketAddr> {
-        self.grpc.local_addr().ok()
-    }
-
-    pub fn http_addrs(&self) -> Vec<SocketAddr> {
-        self.http
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect()
-    }
+/// Binds the api's sockets (before anything else, so that a port conflict
+/// fails the start at once).
+pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
+    Ok(Listeners::bind(&config.http_addrs(), config.grpc_addr()).await?)
 }
 
 fn delivery_options(c: &Config) -> DeliveryOptions {
@@ -174,63 +126,37 @@ pub async fn run(
 
     // gRPC
     let (reporter, std_health) = tonic_health::server::health_reporter();
-    tasks.spawn(grpc_health::follow(
+    tasks.spawn(virtufin_common::grpc_health::follow(
         reporter,
         health.clone(),
+        grpc_health::SERVICES,
         shutdown.clone(),
     ));
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(virtufin_proto::API_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| RunError::Config(format!("reflection: {e}")))?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(virtufin_proto::API_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| RunError::Config(format!("reflection: {e}")))?;
     let state_api = state::StateApi::new(app.clone());
-    let grpc_addr = listeners.grpc.local_addr().ok();
-    let grpc = tonic::transport::Server::builder()
-        // Finds clients that vanished without closing (dead subscriptions)
-        // within 40 s.
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+    let grpc = virtufin_common::serve::grpc_server()
         .add_service(std_health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
         .add_service(HealthServer::new(grpc_health::ApiHealth {
             app: app.clone(),
         }))
-        .add_service(StateServer::new(state::StateService(state_api.clone())))
-        .add_service(PubsubServer::new(pubsub::PubsubService {
-            app: app.clone(),
-        }))
-        .serve_with_incoming_shutdown(
-            // Our own listener, so the server's socket options must be set
-            // here: without TCP_NODELAY small replies wait ~40 ms for a
-            // delayed ACK.
-            tonic::transport::server::TcpIncoming::from(listeners.grpc)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(30))),
-            shutdown.clone().cancelled_owned(),
+        .add_service(
+            StateServer::new(state::StateService(state_api.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            PubsubServer::new(pubsub::PubsubService { app: app.clone() })
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
         );
-
-    // HTTP
-    let router = http::router(app.clone(), state_api);
-    let mut http_servers = Vec::new();
-    for l in listeners.http {
-        let addr = l.local_addr().ok();
-        let s = shutdown.clone();
-        let r = router.clone();
-        tracing::info!(?addr, "HTTP listening");
-        http_servers.push(tokio::spawn(async move {
-            axum::serve(l, r)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await
-        }));
-    }
-    tracing::info!(addr = ?grpc_addr, backend = %app.backend_desc, "gRPC listening");
+    let grpc =
+        virtufin_common::serve::with_reflection(grpc, &[virtufin_proto::API_DESCRIPTOR_SET])?;
+    let servers = virtufin_common::serve::start(
+        grpc,
+        listeners.grpc,
+        http::router(app.clone(), state_api),
+        listeners.http,
+        &shutdown,
+    );
+    tracing::info!(backend = %app.backend_desc, "serving");
 
     // Backend: connect (retrying until it answers), then keep probing it.
     tasks.spawn(connect_and_probe(
@@ -240,32 +166,13 @@ pub async fn run(
         broker_check,
     ));
 
-    let grpc_task = tokio::spawn(grpc);
     shutdown.cancelled().await;
     Notifier.stopping();
     tracing::info!("draining");
-    let drain = async {
-        let g = grpc_task.await;
-        for h in http_servers {
-            let _ = h.await;
-        }
-        g
-    };
-    let result = match tokio::time::timeout(config.drain_timeout, drain).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(RunError::Serve {
-            what: "gRPC",
-            cause: Box::new(e),
-        }),
-        Ok(Err(e)) => Err(RunError::Serve {
-            what: "gRPC",
-            cause: Box::new(e),
-        }),
-        Err(_) => {
-            tracing::warn!(timeout = ?config.drain_timeout, "drain timed out; stopping anyway");
-            Ok(())
-        }
-    };
+    let result = servers
+        .drain(config.drain_timeout)
+        .await
+        .map_err(RunError::from);
     tasks.close();
     let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
     tracing::info!("stopped");

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
-use virtufin_api::{Config, Listeners};
+use virtufin_api::Config;
 use virtufin_common::{config::parse_or_exit, logging, shutdown};
 
 #[tokio::main]
@@ -28,7 +28,7 @@ async fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals().context("cannot install signal handlers")?;
-    let listeners = Listeners::bind(&config).await?;
+    let listeners = virtufin_api::bind(&config).await?;
     virtufin_api::run(config, listeners, shutdown).await?;
     Ok(())
 }

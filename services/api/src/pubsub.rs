@@ -23,7 +23,11 @@ use virtufin_proto::api::v1::{
 };
 use virtufin_store::{Outcome, Subscription, SubscriptionSpec};
 
-use crate::{App, cloudevent, error::ApiError, validate};
+use crate::{
+    App, cloudevent,
+    error::{ApiError, StoreResultExt},
+    validate,
+};
 
 /// One open subscription stream, as listed by `/v1/pubsub/subscriptions`.
 #[derive(Debug, Clone, Serialize)]
@@ -144,7 +148,7 @@ pub async fn publish(
         app.limits.max_metadata_entries,
     )?;
     let backend = app.backend()?;
-    backend.pubsub.publish(topic, &bytes).await?;
+    backend.pubsub.publish(topic, &bytes).await.api()?;
     tracing::debug!(topic, id = %id, "published");
     Ok(id)
 }
@@ -189,7 +193,7 @@ pub async fn publish_many(
         app.limits.max_event_bytes.saturating_mul(4),
     )?;
     let backend = app.backend()?;
-    backend.pubsub.publish_batch(&built).await?;
+    backend.pubsub.publish_batch(&built).await.api()?;
     Ok(ids)
 }
 
@@ -214,7 +218,7 @@ impl PubsubService {
         acknowledged: bool,
     ) -> Result<(Subscription, CancellationToken, Registered), ApiError> {
         let backend = self.app.backend()?;
-        let sub = backend.pubsub.subscribe(spec.clone()).await?;
+        let sub = backend.pubsub.subscribe(spec.clone()).await.api()?;
         let (id, token) = self
             .app
             .subscriptions

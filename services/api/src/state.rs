@@ -16,7 +16,7 @@ use virtufin_store::{StoreError, Versioned};
 
 use crate::{
     App, cloudevent,
-    error::ApiError,
+    error::{ApiError, StoreResultExt},
     validate::{self, Limits},
 };
 
@@ -103,7 +103,7 @@ impl StateApi {
         validate::service(service)?;
         validate::key(key)?;
         let backend = self.app.backend()?;
-        Ok(backend.state.get(&store_key(service, key)).await?)
+        backend.state.get(&store_key(service, key)).await.api()
     }
 
     pub async fn delete(
@@ -118,7 +118,7 @@ impl StateApi {
         let backend = self.app.backend()?;
         let sk = store_key(service, key);
         let old = if include_value {
-            backend.state.get(&sk).await?.map(|v| v.value)
+            backend.state.get(&sk).await.api()?.map(|v| v.value)
         } else {
             None
         };
@@ -143,7 +143,7 @@ impl StateApi {
         let mut out = HashMap::new();
         for chunk in keys.chunks(500) {
             let store_keys: Vec<String> = chunk.iter().map(|k| store_key(service, k)).collect();
-            let values = backend.state.get_many(&store_keys).await?;
+            let values = backend.state.get_many(&store_keys).await.api()?;
             for (k, v) in chunk.iter().zip(values) {
                 if let Some(v) = v {
                     out.insert(k.clone(), v.value);
@@ -181,7 +181,8 @@ impl StateApi {
         let added = backend
             .state
             .set_add(&registry_key(service), &missing)
-            .await?;
+            .await
+            .api()?;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let set = known.entry(service.to_owned()).or_default();
         // Only a shortcut past the store's idempotent add: keep it bounded.
@@ -195,7 +196,11 @@ impl StateApi {
     /// The service's registered keys.
     async fn registered(&self, service: &str) -> Result<Vec<String>, ApiError> {
         let backend = self.app.backend()?;
-        Ok(backend.state.set_members(&registry_key(service)).await?)
+        backend
+            .state
+            .set_members(&registry_key(service))
+            .await
+            .api()
     }
 
     /// Publishes a `state-changes` event. The write already succeeded, so a
@@ -248,7 +253,7 @@ fn etag_error(e: StoreError, service: &str, key: &str) -> ApiError {
                 "etag mismatch for {service}/{key}: the value changed (or is gone) since you read it; read it again and retry"
             ),
         },
-        other => other.into(),
+        other => crate::error::store(other),
     }
 }
 

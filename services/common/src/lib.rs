@@ -3,10 +3,14 @@
 //! journal, the HTTP health endpoints and graceful shutdown.
 
 pub mod config;
+pub mod error;
+pub mod grpc_health;
 pub mod health;
 pub mod logging;
 pub mod notify;
+pub mod serve;
 pub mod shutdown;
 
+pub use error::ApiError;
 pub use health::{Check, Health};
 pub use notify::Notifier;

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use tokio_util::sync::CancellationToken;
-use virtufin_api::{BackendKind, Config, Listeners};
+use virtufin_api::{BackendKind, Config};
 use virtufin_api_client::ApiClient;
 use virtufin_testkit::ValkeyServer;
 
@@ -73,7 +73,7 @@ pub async fn start_with(kind: Kind, tweak: impl FnOnce(&mut Config)) -> TestApi 
 }
 
 pub async fn start_config(config: Config, valkey: Option<ValkeyServer>) -> TestApi {
-    let listeners = Listeners::bind(&config).await.unwrap();
+    let listeners = virtufin_api::bind(&config).await.unwrap();
     let grpc = listeners.grpc_addr().unwrap();
     let http = listeners.http_addrs()[0];
     let shutdown = CancellationToken::new();

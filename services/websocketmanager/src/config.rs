@@ -1,0 +1,176 @@
+//! The websocketmanager's settings: flags bound to environment variables,
+//! the seed's names where it has them.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use clap::Parser;
+use virtufin_common::config::parse_listen_urls;
+
+/// `ASPNETCORE_URLS`-style listen addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenUrls(pub Vec<SocketAddr>);
+
+fn parse_urls(s: &str) -> Result<ListenUrls, String> {
+    parse_listen_urls(s).map(ListenUrls).map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 15s, 2m)"))
+}
+
+fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// virtufin-websocketmanager: outbound WebSocket connections on behalf of
+/// workers, with forwarding and lifecycle events through virtufin-api.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "virtufin-websocketmanager", version, about, long_about = None)]
+pub struct Config {
+    /// HTTP listen URLs (health and REST), `;`-separated.
+    #[arg(long = "urls", env = "ASPNETCORE_URLS", default_value = "http://127.0.0.1:5201", value_parser = parse_urls)]
+    pub http_urls: ListenUrls,
+
+    /// Overrides the port of every HTTP listen URL.
+    #[arg(long, env = "VIRTUFIN_HTTP_PORT")]
+    pub http_port: Option<u16>,
+
+    /// gRPC (h2c) port.
+    #[arg(long, env = "VIRTUFIN_GRPC_PORT", default_value_t = 5202)]
+    pub grpc_port: u16,
+
+    /// gRPC listen address.
+    #[arg(long, env = "VIRTUFIN_GRPC_HOST", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub grpc_host: IpAddr,
+
+    /// The api's host.
+    #[arg(long, env = "VIRTUFIN_API_HOST", default_value = "127.0.0.1")]
+    pub api_host: String,
+
+    /// The api's gRPC port.
+    #[arg(long, env = "VIRTUFIN_API_GRPC_PORT", default_value_t = 5002)]
+    pub api_grpc_port: u16,
+
+    /// This instance's id (owner of its connections). Default: HOSTNAME,
+    /// else the machine's host name — stable across restarts, so a
+    /// restarted service takes its connections back at once.
+    #[arg(long, env = "VIRTUFIN_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// First delay before reconnecting; doubles per attempt.
+    #[arg(long, env = "VIRTUFIN_WS_RECONNECT_BASE_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub reconnect_base_delay: Duration,
+
+    /// Cap of the reconnect delay.
+    #[arg(long, env = "VIRTUFIN_WS_RECONNECT_MAX_DELAY", default_value = "30s", value_parser = parse_duration)]
+    pub reconnect_max_delay: Duration,
+
+    /// Reconnect attempts before a connection is given up (`disconnected`).
+    #[arg(long, env = "VIRTUFIN_WS_RECONNECT_MAX_ATTEMPTS", default_value = "5", value_parser = parse_positive)]
+    pub reconnect_max_attempts: usize,
+
+    /// How long one connection attempt (TCP, TLS, handshake) may take.
+    #[arg(long, env = "VIRTUFIN_WS_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Send's timeout when a request gives none.
+    #[arg(long, env = "VIRTUFIN_WS_SEND_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub default_send_timeout: Duration,
+
+    /// Largest inbound or outbound WebSocket message, in bytes.
+    #[arg(long, env = "VIRTUFIN_WS_MAX_MESSAGE_BYTES", default_value = "16777216", value_parser = parse_positive)]
+    pub max_message_bytes: usize,
+
+    /// Most connections this instance keeps.
+    #[arg(long, env = "VIRTUFIN_WS_MAX_CONNECTIONS", default_value = "1000", value_parser = parse_positive)]
+    pub max_connections: usize,
+
+    /// How long the api may stay unreachable before this service reports
+    /// itself not live (and its watchdog stops).
+    #[arg(long, env = "VIRTUFIN_API_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub api_grace: Duration,
+
+    /// How often the api handshake is repeated.
+    #[arg(long, env = "VIRTUFIN_PROBE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+
+    /// How often this instance records that it is alive.
+    #[arg(long, env = "VIRTUFIN_WS_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// How often connections of vanished instances are looked for.
+    #[arg(long, env = "VIRTUFIN_WS_RECLAIM_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub reclaim_interval: Duration,
+
+    /// An instance silent for this long has vanished: its connections are
+    /// taken over.
+    #[arg(long, env = "VIRTUFIN_WS_RECLAIM_AFTER", default_value = "60s", value_parser = parse_duration)]
+    pub reclaim_after: Duration,
+
+    /// How long shutdown waits for open calls to finish.
+    #[arg(long, env = "VIRTUFIN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    pub fn defaults() -> Self {
+        Self::parse_from(["virtufin-websocketmanager"])
+    }
+
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.http_urls
+            .0
+            .iter()
+            .map(|a| match self.http_port {
+                Some(p) => SocketAddr::new(a.ip(), p),
+                None => *a,
+            })
+            .collect()
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.grpc_host, self.grpc_port)
+    }
+
+    pub fn api_addr(&self) -> String {
+        format!("{}:{}", self.api_host, self.api_grpc_port)
+    }
+
+    /// The instance id in effect.
+    pub fn instance(&self) -> String {
+        if let Some(id) = self.instance_id.as_ref().filter(|s| !s.is_empty()) {
+            return id.clone();
+        }
+        if let Ok(h) = std::env::var("HOSTNAME")
+            && !h.is_empty()
+        {
+            return h;
+        }
+        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            let h = h.trim();
+            if !h.is_empty() {
+                return h.to_owned();
+            }
+        }
+        format!("wsm-{}", uuid::Uuid::new_v4())
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if self.reconnect_max_delay < self.reconnect_base_delay {
+            return Err("VIRTUFIN_WS_RECONNECT_MAX_DELAY must not be below VIRTUFIN_WS_RECONNECT_BASE_DELAY".into());
+        }
+        if self.api_host.is_empty() {
+            return Err("VIRTUFIN_API_HOST must not be empty".into());
+        }
+        virtufin_api_client::ApiClient::lazy(&self.api_addr())
+            .map(|_| ())
+            .map_err(|e| format!("invalid VIRTUFIN_API_HOST/VIRTUFIN_API_GRPC_PORT: {e}"))
+    }
+}
