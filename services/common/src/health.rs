@@ -21,6 +21,8 @@ struct Inner {
     checks: RwLock<BTreeMap<String, CheckState>>,
     live: RwLock<CheckState>,
     ready_tx: watch::Sender<bool>,
+    /// Bumped on every change of any check.
+    changes: watch::Sender<u64>,
 }
 
 /// The health of one service: a set of named readiness checks, all of which
@@ -64,6 +66,7 @@ impl Default for Health {
 impl Health {
     pub fn new() -> Self {
         let (ready_tx, _) = watch::channel(false);
+        let (changes, _) = watch::channel(0);
         Self {
             inner: Arc::new(Inner {
                 checks: RwLock::new(BTreeMap::new()),
@@ -72,6 +75,7 @@ impl Health {
                     detail: "running".into(),
                 }),
                 ready_tx,
+                changes,
             }),
         }
     }
@@ -194,6 +198,7 @@ impl Health {
     }
 
     fn publish(&self) {
+        self.inner.changes.send_modify(|n| *n = n.wrapping_add(1));
         let ready = self.is_ready();
         self.inner.ready_tx.send_if_modified(|r| {
             let changed = *r != ready;
@@ -231,6 +236,26 @@ impl Check {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub fn is_passing(&self) -> bool {
+        self.health
+            .read_checks()
+            .get(&self.name)
+            .is_some_and(|c| c.ok)
+    }
+
+    /// Waits until this check passes.
+    pub async fn wait_passing(&self) {
+        let mut rx = self.health.inner.changes.subscribe();
+        loop {
+            if self.is_passing() {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
     }
 }
 

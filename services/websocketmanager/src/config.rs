@@ -14,7 +14,9 @@ use virtufin_common::config::parse_listen_urls;
 pub struct ListenUrls(pub Vec<SocketAddr>);
 
 fn parse_urls(s: &str) -> Result<ListenUrls, String> {
-    parse_listen_urls(s).map(ListenUrls).map_err(|e| e.to_string())
+    parse_listen_urls(s)
+        .map(ListenUrls)
+        .map_err(|e| e.to_string())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

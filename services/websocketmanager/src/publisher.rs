@@ -29,7 +29,11 @@ pub struct Publisher {
 impl Publisher {
     /// Starts the queue's task. It ends when every handle is gone, or at
     /// `shutdown` after one last bounded attempt to publish what is queued.
-    pub fn spawn(api: ApiClient, capacity: usize, shutdown: CancellationToken) -> (Self, tokio::task::JoinHandle<()>) {
+    pub fn spawn(
+        api: ApiClient,
+        capacity: usize,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         let task = tokio::spawn(run(api, rx, shutdown));
         (Self { tx }, task)
@@ -43,7 +47,14 @@ impl Publisher {
     }
 
     /// A lifecycle event on `websocketmanager.connectionstatus`.
-    pub async fn lifecycle(&self, kind: &str, connection_id: &str, url: &str, instance_id: &str, extra: Map<String, Value>) {
+    pub async fn lifecycle(
+        &self,
+        kind: &str,
+        connection_id: &str,
+        url: &str,
+        instance_id: &str,
+        extra: Map<String, Value>,
+    ) {
         let mut data = Map::new();
         data.insert("connection_id".into(), connection_id.into());
         data.insert("url".into(), url.into());
@@ -64,7 +75,10 @@ pub fn json_event(topic: &str, event_type: &str, data: &Value) -> PublishEventRe
     let mut metadata = HashMap::new();
     metadata.insert("ce-type".to_owned(), event_type.to_owned());
     metadata.insert("ce-source".to_owned(), SOURCE.to_owned());
-    metadata.insert("ce-datacontenttype".to_owned(), "application/json".to_owned());
+    metadata.insert(
+        "ce-datacontenttype".to_owned(),
+        "application/json".to_owned(),
+    );
     PublishEventRequest {
         topic: topic.to_owned(),
         data: data.to_string(),
@@ -72,7 +86,11 @@ pub fn json_event(topic: &str, event_type: &str, data: &Value) -> PublishEventRe
     }
 }
 
-async fn run(api: ApiClient, mut rx: mpsc::Receiver<PublishEventRequest>, shutdown: CancellationToken) {
+async fn run(
+    api: ApiClient,
+    mut rx: mpsc::Receiver<PublishEventRequest>,
+    shutdown: CancellationToken,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     loop {
         let first = tokio::select! {
@@ -105,7 +123,10 @@ async fn run(api: ApiClient, mut rx: mpsc::Receiver<PublishEventRequest>, shutdo
             }
         }
         if !send(&api, &mut batch, &shutdown).await {
-            tracing::warn!(dropped = batch.len() + rx.len(), "shutting down with the api unreachable; events dropped");
+            tracing::warn!(
+                dropped = batch.len() + rx.len(),
+                "shutting down with the api unreachable; events dropped"
+            );
             return;
         }
     }
@@ -113,7 +134,11 @@ async fn run(api: ApiClient, mut rx: mpsc::Receiver<PublishEventRequest>, shutdo
 
 /// Publishes `batch` (emptying it), retrying while the api is away.
 /// Returns false if shutdown came first.
-async fn send(api: &ApiClient, batch: &mut Vec<PublishEventRequest>, shutdown: &CancellationToken) -> bool {
+async fn send(
+    api: &ApiClient,
+    batch: &mut Vec<PublishEventRequest>,
+    shutdown: &CancellationToken,
+) -> bool {
     let mut backoff = Duration::from_millis(100);
     loop {
         match api.publish_many(batch.clone()).await {
