@@ -8,6 +8,7 @@ use virtufin_api_client::ApiClient;
 mod events;
 mod smoke;
 mod up;
+mod ws;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,6 +21,15 @@ struct Cli {
     /// else 127.0.0.1:5002.
     #[arg(long, env = "VIRTUFIN_API", global = true)]
     api: Option<String>,
+
+    /// The websocketmanager's gRPC address.
+    #[arg(
+        long,
+        env = "VIRTUFIN_WSM",
+        global = true,
+        default_value = "127.0.0.1:5202"
+    )]
+    wsm: String,
 
     #[command(subcommand)]
     command: Command,
@@ -39,6 +49,9 @@ enum Command {
     Subscribe(SubscribeArgs),
     /// Starts the stack locally in dependency order and stops it on Ctrl-C.
     Up(up::UpArgs),
+    /// Drives the websocketmanager's connections.
+    #[command(subcommand)]
+    Ws(ws::WsCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -127,6 +140,7 @@ async fn main() -> ExitCode {
         Command::State(c) => state(&addr, c).await,
         Command::Publish(p) => publish(&addr, p).await,
         Command::Subscribe(s) => subscribe(&addr, s).await,
+        Command::Ws(c) => ws::run(&cli.wsm, c).await,
     };
     match result {
         Ok(code) => code,

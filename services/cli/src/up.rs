@@ -1,5 +1,5 @@
 //! `virtufin up`: the whole stack on this machine, in dependency order —
-//! Valkey (when one is installed), then the api — each waited for through
+//! Valkey (when one is installed), the api, then the websocketmanager — each waited for through
 //! its own `NOTIFY_SOCKET` exactly as systemd would, and stopped in reverse
 //! order on Ctrl-C.
 
@@ -142,7 +142,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let code = match result {
         Ok(()) => {
             println!("virtufin stack is up:");
-            println!("  virtufin-api   gRPC 127.0.0.1:5002   HTTP http://127.0.0.1:5001/health");
+            println!(
+                "  virtufin-api                gRPC 127.0.0.1:5002   HTTP http://127.0.0.1:5001/health"
+            );
+            println!(
+                "  virtufin-websocketmanager   gRPC 127.0.0.1:5202   HTTP http://127.0.0.1:5201/health"
+            );
             println!("try: virtufin smoke    (Ctrl-C stops the stack)");
             wait_for_stop(&mut running).await
         }
@@ -208,6 +213,25 @@ async fn start_all(
         }
     }
     running.push(start_notify("virtufin-api", api, state_dir, args.ready_timeout).await?);
+
+    // After the api (it handshakes with it before reporting ready).
+    let mut wsm = Command::new(find_binary(
+        "virtufin-websocketmanager",
+        args.bin_dir.as_deref(),
+    )?);
+    wsm.env("ASPNETCORE_URLS", "http://127.0.0.1:5201")
+        .env("VIRTUFIN_GRPC_PORT", "5202")
+        .env("VIRTUFIN_API_HOST", "127.0.0.1")
+        .env("VIRTUFIN_API_GRPC_PORT", "5002");
+    running.push(
+        start_notify(
+            "virtufin-websocketmanager",
+            wsm,
+            state_dir,
+            args.ready_timeout,
+        )
+        .await?,
+    );
     Ok(())
 }
 

@@ -15,11 +15,13 @@ const CLI: &str = env!("CARGO_BIN_EXE_virtufin");
 
 fn bin_dir() -> PathBuf {
     let dir = PathBuf::from(CLI).parent().unwrap().to_path_buf();
-    assert!(
-        dir.join("virtufin-api").is_file(),
-        "virtufin-api is not built in {}: run the tests with `cargo test --workspace`",
-        dir.display()
-    );
+    for bin in ["virtufin-api", "virtufin-websocketmanager"] {
+        assert!(
+            dir.join(bin).is_file(),
+            "{bin} is not built in {}: run the tests with `cargo test --workspace`",
+            dir.display()
+        );
+    }
     dir
 }
 
@@ -83,6 +85,48 @@ async fn up_then_smoke_then_ctrl_c() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(3));
 
+    // The websocketmanager is up too, after the api: drive it from the CLI
+    // against a WebSocket peer of this test.
+    let peer = echo_peer().await;
+    let out = Command::new(CLI)
+        .args(["ws", "connect", &peer])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conn: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(conn["status"], "connected");
+    let id = conn["id"].as_str().unwrap();
+    let out = Command::new(CLI)
+        .args(["ws", "send", id, "marco"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "marco");
+    let out = Command::new(CLI)
+        .args(["ws", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains(id));
+    let out = Command::new(CLI)
+        .args(["ws", "disconnect", id])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let out = Command::new(CLI)
+        .args(["ws", "disconnect", "no-such"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+
     // Ctrl-C (SIGINT to `up` alone: the services run in their own process
     // group) stops everything in reverse order, and `up` exits 0.
     let pid = up.id().unwrap().to_string();
@@ -108,6 +152,28 @@ async fn up_then_smoke_then_ctrl_c() {
     assert!(String::from_utf8_lossy(&after.stdout).contains("FAIL  Health/HealthCheck"));
 }
 
+/// A WebSocket echo peer; returns its URL.
+async fn echo_peer() -> String {
+    use futures_util::{SinkExt, StreamExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/", l.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
 #[tokio::test]
 async fn up_without_the_service_binaries_says_what_to_do() {
     let state = tempfile::tempdir().unwrap();
@@ -115,13 +181,24 @@ async fn up_without_the_service_binaries_says_what_to_do() {
     // Copy the CLI alone, so nothing is beside it.
     let lonely = empty.path().join("virtufin");
     std::fs::copy(CLI, &lonely).unwrap();
-    let out = Command::new(&lonely)
-        .args(["up", "--valkey", "embedded", "--state-dir"])
-        .arg(state.path())
-        .env("PATH", "/nonexistent")
-        .output()
-        .await
-        .unwrap();
+    // A binary written a moment ago can fail to exec with ETXTBSY while
+    // another test thread forks (the child briefly holds the write fd).
+    let mut tries = 0;
+    let out = loop {
+        let r = Command::new(&lonely)
+            .args(["up", "--valkey", "embedded", "--state-dir"])
+            .arg(state.path())
+            .env("PATH", "/nonexistent")
+            .output()
+            .await;
+        match r {
+            Err(e) if e.raw_os_error() == Some(26) && tries < 50 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            other => break other.unwrap(),
+        }
+    };
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
