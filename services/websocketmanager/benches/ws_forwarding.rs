@@ -138,10 +138,10 @@ async fn direct(addr: SocketAddr, n: u64, rate: u64, sent: &Sent) -> Run {
         while let Some(Ok(m)) = wsc.next().await {
             if let Message::Text(t) = m {
                 let at = Instant::now();
-                if let Some(s) = seq_of(t.as_str()) {
-                    if tx.send((s, at)).await.is_err() {
-                        return;
-                    }
+                if let Some(s) = seq_of(t.as_str())
+                    && tx.send((s, at)).await.is_err()
+                {
+                    return;
                 }
             }
         }
@@ -234,10 +234,10 @@ async fn main() {
                 while let Ok(Some(ev)) = stream.message().await {
                     let at = Instant::now();
                     let env: serde_json::Value = serde_json::from_slice(&ev.data).unwrap();
-                    if let Some(s) = env["Payload"].as_str().and_then(seq_of) {
-                        if tx.send((s, at)).await.is_err() {
-                            return;
-                        }
+                    if let Some(s) = env["Payload"].as_str().and_then(seq_of)
+                        && tx.send((s, at)).await.is_err()
+                    {
+                        return;
                     }
                 }
             });
