@@ -130,10 +130,10 @@ impl Default for DeliveryOptions {
 /// events it received and did not settle are delivered again later.
 #[derive(Debug)]
 pub struct Subscription {
-    pub(crate) rx: tokio::sync::mpsc::Receiver<Result<Delivery>>,
-    pub(crate) acks: tokio::sync::mpsc::UnboundedSender<(String, Outcome)>,
-    pub(crate) guard: tokio_util::sync::DropGuard,
-    pub(crate) done: tokio::sync::watch::Receiver<bool>,
+    rx: tokio::sync::mpsc::Receiver<Result<Delivery>>,
+    acks: tokio::sync::mpsc::UnboundedSender<(String, Outcome)>,
+    guard: tokio_util::sync::DropGuard,
+    done: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Subscription {
@@ -163,6 +163,50 @@ impl Subscription {
         } = self;
         drop(guard);
         let _ = done.wait_for(|d| *d).await;
+    }
+}
+
+/// The producing side of a [`Subscription`], for backends: deliveries go
+/// out through `tx`, settlements come in through `acks`, `cancel` fires
+/// when the subscriber leaves, and `finish` tells `close()` that every
+/// settlement has reached the broker.
+#[derive(Debug)]
+pub struct SubscriptionFeed {
+    pub tx: tokio::sync::mpsc::Sender<Result<Delivery>>,
+    pub acks: tokio::sync::mpsc::UnboundedReceiver<(String, Outcome)>,
+    pub cancel: tokio_util::sync::CancellationToken,
+    done: tokio::sync::watch::Sender<bool>,
+}
+
+impl SubscriptionFeed {
+    /// Marks the subscription finished (settlements flushed).
+    pub fn finish(&self) {
+        let _ = self.done.send(true);
+    }
+}
+
+impl Subscription {
+    /// A connected pair: the backend keeps the feed, the caller gets the
+    /// subscription. `capacity` bounds deliveries not yet taken.
+    pub fn channel(capacity: usize) -> (SubscriptionFeed, Subscription) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
+        let (ack_tx, ack_rx) = tokio::sync::mpsc::unbounded_channel();
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        (
+            SubscriptionFeed {
+                tx,
+                acks: ack_rx,
+                cancel: cancel.clone(),
+                done: done_tx,
+            },
+            Subscription {
+                rx,
+                acks: ack_tx,
+                guard: cancel.drop_guard(),
+                done: done_rx,
+            },
+        )
     }
 }
 

@@ -110,28 +110,19 @@ impl<S: Streams> PubSub for StreamPubSub<S> {
             .streams
             .reader(&spec.topic, &spec.group, &spec.subscriber)
             .await?;
-        let (out_tx, out_rx) = mpsc::channel(self.options.max_in_flight.clamp(1, 64));
-        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
-        let cancel = CancellationToken::new();
-        let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+        let (feed, subscription) = Subscription::channel(self.options.max_in_flight.clamp(1, 64));
         let worker = Worker {
-            done: done_tx,
             streams: self.streams.clone(),
             options: self.options.clone(),
             spec,
-            out: out_tx,
+            out: feed.tx.clone(),
             in_flight: HashMap::new(),
             permits: Arc::new(Semaphore::new(self.options.max_in_flight.max(1))),
             retries: DelayQueue::new(),
-            cancel: cancel.clone(),
+            cancel: feed.cancel.clone(),
         };
-        tokio::spawn(worker.run(reader, ack_rx));
-        Ok(Subscription {
-            rx: out_rx,
-            acks: ack_tx,
-            guard: cancel.drop_guard(),
-            done: done_rx,
-        })
+        tokio::spawn(worker.run(reader, feed));
+        Ok(subscription)
     }
 
     async fn ping(&self) -> Result<()> {
@@ -150,16 +141,11 @@ struct Worker<S: Streams> {
     permits: Arc<Semaphore>,
     retries: DelayQueue<String>,
     cancel: CancellationToken,
-    /// Set once the worker has finished (settlements flushed).
-    done: tokio::sync::watch::Sender<bool>,
 }
 
 impl<S: Streams> Worker<S> {
-    async fn run(
-        mut self,
-        reader: S::Reader,
-        mut acks: mpsc::UnboundedReceiver<(String, Outcome)>,
-    ) {
+    async fn run(mut self, reader: S::Reader, mut feed: crate::SubscriptionFeed) {
+        let acks = &mut feed.acks;
         let span = tracing::debug_span!(
             "subscription",
             topic = %self.spec.topic,
@@ -180,7 +166,9 @@ impl<S: Streams> Worker<S> {
         {
             Ok(entries) => {
                 if !self.deliver(entries, true).await {
-                    return self.finish().await;
+                    self.finish().await;
+                    feed.finish();
+                    return;
                 }
             }
             Err(e) => {
@@ -211,7 +199,7 @@ impl<S: Streams> Worker<S> {
                     None => break,
                 },
                 ack = acks.recv() => match ack {
-                    Some((id, outcome)) => self.settle(id, outcome, &mut acks).await,
+                    Some((id, outcome)) => self.settle(id, outcome, acks).await,
                     None => break,
                 },
                 Some(expired) = futures_next(&mut self.retries) => {
@@ -246,9 +234,10 @@ impl<S: Streams> Worker<S> {
         }
         // Settlements sent just before the subscriber left still count.
         while let Ok((id, outcome)) = acks.try_recv() {
-            self.settle(id, outcome, &mut acks).await;
+            self.settle(id, outcome, acks).await;
         }
         self.finish().await;
+        feed.finish();
     }
 
     /// Hands entries to the subscriber. Returns false when it is gone.
@@ -350,7 +339,6 @@ impl<S: Streams> Worker<S> {
         {
             tracing::debug!(error = %e, "could not remove the consumer");
         }
-        let _ = self.done.send(true);
     }
 }
 
