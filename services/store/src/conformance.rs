@@ -205,7 +205,11 @@ pub async fn unsettled_event_is_redelivered_to_another_member(b: Backend) {
     let again = next(&mut other).await;
     assert_eq!(again.data, &b"precious"[..]);
     assert_eq!(again.entry_id, d.entry_id);
-    assert!(again.attempt >= 2, "marked as a redelivery: {again:?}");
+    // daprd reports no delivery count, so a Dapr subscription can only
+    // count the redeliveries it saw itself.
+    if b.kind != "dapr" {
+        assert!(again.attempt >= 2, "marked as a redelivery: {again:?}");
+    }
     other.settle(&again.entry_id, Outcome::Success);
     nothing_for(&mut other, Duration::from_millis(600)).await;
 }
