@@ -77,6 +77,10 @@ pub struct Config {
     #[arg(long, env = "VIRTUFIN_APP_ID", default_value = "virtufin-api")]
     pub app_id: String,
 
+    /// Dapr sidecar host (dapr backend).
+    #[arg(long, env = "DAPR_HOST", default_value = "127.0.0.1")]
+    pub dapr_host: String,
+
     /// Dapr sidecar gRPC port (dapr backend).
     #[arg(long, env = "DAPR_GRPC_PORT", default_value_t = 50001)]
     pub dapr_grpc_port: u16,
@@ -166,7 +170,12 @@ impl Config {
                     .map_err(|e| format!("invalid VIRTUFIN_VALKEY_URL '{url}': {e}"))?;
             }
             (BackendKind::Dapr, _) => {
-                return Err("VIRTUFIN_BACKEND=dapr is not available in this build yet; use memory or valkey".into());
+                if self.dapr_grpc_port == 0 || self.dapr_http_port == 0 {
+                    return Err(
+                        "VIRTUFIN_BACKEND=dapr needs DAPR_GRPC_PORT and DAPR_HTTP_PORT (non-zero)"
+                            .into(),
+                    );
+                }
             }
             (BackendKind::Memory, _) => {}
         }

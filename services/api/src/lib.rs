@@ -75,6 +75,14 @@ pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
     Ok(Listeners::bind(&config.http_addrs(), config.grpc_addr()).await?)
 }
 
+fn dapr_options(c: &Config) -> virtufin_store_dapr::DaprOptions {
+    let mut o = virtufin_store_dapr::DaprOptions::new(c.dapr_grpc_port, c.dapr_http_port);
+    o.host = c.dapr_host.clone();
+    o.state_store = c.state_store_name.clone();
+    o.pubsub = c.pubsub_name.clone();
+    o
+}
+
 fn delivery_options(c: &Config) -> DeliveryOptions {
     DeliveryOptions {
         processing_timeout: c.processing_timeout,
@@ -98,7 +106,7 @@ pub async fn run(
     let backend_desc = match kind {
         BackendKind::Memory => "the embedded memory backend".to_owned(),
         BackendKind::Valkey => format!("Valkey at {}", config.valkey_url.as_deref().unwrap_or("?")),
-        BackendKind::Dapr => format!("the Dapr sidecar on port {}", config.dapr_grpc_port),
+        BackendKind::Dapr => dapr_options(&config).describe(),
     };
     let store_check = health.register("state-store", &format!("connecting to {backend_desc}"));
     let broker_check = health.register("broker", &format!("connecting to {backend_desc}"));
@@ -197,9 +205,7 @@ async fn connect_and_probe(
                 o.stream_max_len = config.stream_max_len;
                 valkey::connect(o, delivery.clone()).await
             }
-            BackendKind::Dapr => Err(virtufin_store::StoreError::Unavailable(
-                "the dapr backend is not built in".into(),
-            )),
+            BackendKind::Dapr => virtufin_store_dapr::connect(dapr_options(&config)).await,
         };
         match attempt {
             Ok(b) => break b,

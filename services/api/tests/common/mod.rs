@@ -13,6 +13,8 @@ use virtufin_testkit::ValkeyServer;
 pub enum Kind {
     Memory,
     Valkey,
+    /// Through the Dapr double (daprd's API over a real Valkey).
+    Dapr,
 }
 
 pub struct TestApi {
@@ -20,6 +22,7 @@ pub struct TestApi {
     pub http: SocketAddr,
     pub client: ApiClient,
     pub valkey: Option<ValkeyServer>,
+    pub dapr: Option<virtufin_dapr_double::Running>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<Result<(), virtufin_api::RunError>>,
 }
@@ -67,9 +70,37 @@ pub async fn start_with(kind: Kind, tweak: impl FnOnce(&mut Config)) -> TestApi 
             config.valkey_url = Some(v.url());
             Some(v)
         }
+        Kind::Dapr => {
+            let v = ValkeyServer::start();
+            config.backend = Some(BackendKind::Dapr);
+            config.valkey_url = None;
+            Some(v)
+        }
     };
     tweak(&mut config);
-    start_config(config, valkey).await
+    let dapr = match kind {
+        Kind::Dapr => {
+            let v = valkey.as_ref().unwrap();
+            let delivery = virtufin_store::DeliveryOptions {
+                processing_timeout: config.processing_timeout,
+                reclaim_interval: config.reclaim_interval,
+                retry_delay: config.retry_delay,
+                max_in_flight: config.max_in_flight,
+                read_block: Duration::from_millis(200),
+            };
+            let any = "127.0.0.1:0".parse().unwrap();
+            let d = virtufin_dapr_double::start(&v.url(), &config.app_id, delivery, any, any)
+                .await
+                .unwrap();
+            config.dapr_grpc_port = d.grpc.port();
+            config.dapr_http_port = d.http.port();
+            Some(d)
+        }
+        _ => None,
+    };
+    let mut api = start_config(config, valkey).await;
+    api.dapr = dapr;
+    api
 }
 
 pub async fn start_config(config: Config, valkey: Option<ValkeyServer>) -> TestApi {
@@ -84,6 +115,7 @@ pub async fn start_config(config: Config, valkey: Option<ValkeyServer>) -> TestA
         http,
         client,
         valkey,
+        dapr: None,
         shutdown,
         task,
     }
@@ -105,7 +137,7 @@ pub async fn ready(api: &TestApi) {
     }
 }
 
-/// One test per backend.
+/// One test per backend (memory, Valkey, Dapr through the double).
 #[macro_export]
 macro_rules! both_backends {
     ($($name:ident),* $(,)?) => {
@@ -119,6 +151,12 @@ macro_rules! both_backends {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name($crate::common::Kind::Valkey).await }
+            )*
+        }
+        mod dapr {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name($crate::common::Kind::Dapr).await }
             )*
         }
     };
