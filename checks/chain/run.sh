@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Chain test under real systemd: a Debian trixie root (debootstrap, cached)
+# with valkey-server and our .deb, booted with systemd-nspawn (systemd as
+# PID 1, private network), driven with nsenter + systemctl. Proves, from
+# systemd's own state and timestamps:
+#   - each downstream unit started only after the api reported ready;
+#   - the api does not become active while Valkey does not answer, and
+#     does once it answers;
+#   - the seed's grpcurl smoke check passes inside the container;
+#   - kill -9 of the api: systemd restarts it, the websocketmanager
+#     re-handshakes by itself (same PID) and is ready again, no
+#     acknowledged state is lost;
+#   - a reboot keeps state (Valkey appendonly) and the websocketmanager's
+#     connections come back;
+#   - each unit's `systemd-analyze security` exposure is at most 2.0;
+# and prints start-to-ready time and idle RSS. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+CACHE=${VIRTUFIN_CHAIN_CACHE:-/var/tmp/virtufin-chain}
+BASE=$CACHE/base-trixie
+WORK=$CACHE/run
+MIRROR=${VIRTUFIN_CHAIN_MIRROR:-http://deb.debian.org/debian}
+UNITS="virtufin-api virtufin-websocketmanager"
+failures=0
+passes=0
+
+say() { printf '== %s\n' "$*"; }
+pass() { printf 'PASS  %s\n' "$*"; passes=$((passes + 1)); }
+fail() { printf 'FAIL  %s\n' "$*"; failures=$((failures + 1)); }
+check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
+
+need() { command -v "$1" >/dev/null || { say "installing $2"; apt-get install -y -qq "$2" >/dev/null; }; }
+need debootstrap debootstrap
+need systemd-nspawn systemd-container
+command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked --quiet cargo-deb; }
+
+say "building release binaries and the .deb"
+cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocketmanager -p virtufin-testkit --bins
+cargo deb -p virtufin --no-build --locked >/dev/null
+DEB=$(ls -t target/debian/virtufin_*.deb | head -1)
+pass "cargo deb -p virtufin built $(basename "$DEB")"
+
+if [ ! -e "$BASE/.complete" ]; then
+  say "debootstrap trixie (cached in $BASE)"
+  rm -rf "$BASE"
+  mkdir -p "$CACHE"
+  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,valkey-server,ca-certificates \
+    trixie "$BASE" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1
+  touch "$BASE/.complete"
+fi
+
+say "preparing this run's root"
+rm -rf "$WORK"
+cp -a "$BASE" "$WORK"
+echo "appendonly yes" >>"$WORK/etc/valkey/valkey.conf"
+echo "127.0.0.1 virtufin-api" >>"$WORK/etc/hosts"
+grpcurl_bin=$(python3 - <<'PY'
+import os, sysconfig, glob
+cands = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "grpcurl*", "**", "grpcurl"), recursive=True)
+print(next((c for c in cands if os.path.isfile(c) and os.access(c, os.X_OK)), ""))
+PY
+)
+[ -n "$grpcurl_bin" ] || grpcurl_bin=$(command -v grpcurl)
+cp "$grpcurl_bin" "$WORK/usr/local/bin/grpcurl"
+cp target/release/virtufin-ws-echo "$WORK/usr/local/bin/"
+cat >"$WORK/etc/systemd/system/ws-echo.service" <<'UNIT'
+[Unit]
+Description=WebSocket echo peer for the chain test
+[Service]
+ExecStart=/usr/local/bin/virtufin-ws-echo 127.0.0.1:9100
+[Install]
+WantedBy=multi-user.target
+UNIT
+ln -sf /etc/systemd/system/ws-echo.service "$WORK/etc/systemd/system/multi-user.target.wants/ws-echo.service"
+cp "$DEB" "$WORK/var/cache/virtufin.deb"
+systemd-nspawn -q -D "$WORK" --register=no --keep-unit --private-network dpkg -i /var/cache/virtufin.deb >"$CACHE/dpkg.log" 2>&1 ||
+  { cat "$CACHE/dpkg.log"; exit 1; }
+pass "the .deb installs (units enabled: $(ls "$WORK/etc/systemd/system/multi-user.target.wants" | grep -c virtufin))"
+
+NSPAWN=""
+boot() {
+  systemd-nspawn -q -D "$WORK" --register=no --keep-unit --private-network -b >"$CACHE/console.log" 2>&1 &
+  NSPAWN=$!
+  for _ in $(seq 100); do
+    LEADER=$(pgrep -P "$NSPAWN" | head -1 || true)
+    [ -n "$LEADER" ] && break
+    sleep 0.1
+  done
+  in_ct systemctl is-system-running --wait >/dev/null || true
+}
+in_ct() { nsenter -t "$LEADER" -a "$@"; }
+prop() { in_ct systemctl show -P "$2" "$1"; }
+wait_active() { for _ in $(seq 300); do [ "$(in_ct systemctl is-active "$1")" = active ] && return 0; sleep 0.1; done; return 1; }
+cleanup() { [ -n "$NSPAWN" ] && kill "$NSPAWN" 2>/dev/null || true; }
+trap cleanup EXIT
+
+say "boot"
+boot
+for u in $UNITS; do check "$u is active after boot" wait_active "$u"; done
+
+api_ready=$(prop virtufin-api ActiveEnterTimestampMonotonic)
+wsm_start=$(prop virtufin-websocketmanager ExecMainStartTimestampMonotonic)
+check "websocketmanager started ($wsm_start µs) after the api was ready ($api_ready µs)" test "$wsm_start" -ge "$api_ready"
+
+say "the api waits for Valkey"
+in_ct systemctl kill -s SIGSTOP valkey-server
+in_ct systemctl restart --no-block virtufin-api
+ok=1
+for _ in $(seq 30); do [ "$(in_ct systemctl is-active virtufin-api)" = active ] && ok=0; sleep 0.1; done
+check "the api is not active while Valkey does not answer (status: $(prop virtufin-api StatusText))" test "$ok" = 1
+in_ct systemctl kill -s SIGCONT valkey-server
+check "the api becomes active once Valkey answers" wait_active virtufin-api
+check "the websocketmanager is active again" wait_active virtufin-websocketmanager
+
+say "the seed's smoke check, inside the container"
+in_ct grpcurl -plaintext virtufin-api:5002 virtufin.api.v1.Health/HealthCheck >/dev/null && pass "Health/HealthCheck" || fail "Health/HealthCheck"
+in_ct sh -c 'grpcurl -plaintext -d '"'"'{"topic":"websocketmanager.connectionstatus","subscriber":"test","group":"smoke"}'"'"' virtufin-api:5002 virtufin.api.v1.Pubsub/Subscribe >/tmp/sub.out 2>&1 & echo $! >/tmp/sub.pid'
+for _ in $(seq 50); do in_ct virtufin smoke >/dev/null 2>&1 && break; sleep 0.1; done
+sleep 0.5
+in_ct grpcurl -plaintext -d '{"topic":"websocketmanager.connectionstatus","data":"{\"connection_id\":\"smoke\",\"url\":\"ws://localhost\"}","metadata":{"ce-type":"com.virtufin.websocketmanager.connection.connected","ce-source":"urn:test","ce-id":"smoke-1"}}' virtufin-api:5002 virtufin.api.v1.Pubsub/PublishEvent >/dev/null &&
+  pass "Pubsub/PublishEvent" || fail "Pubsub/PublishEvent"
+in_ct grpcurl -plaintext -d '{"topic":"websocketmanager.connectionstatus","subscriber":"test","group":"smoke"}' virtufin-api:5002 virtufin.api.v1.Pubsub/Unsubscribe >/dev/null &&
+  pass "Pubsub/Unsubscribe" || fail "Pubsub/Unsubscribe"
+for _ in $(seq 50); do in_ct sh -c 'kill -0 $(cat /tmp/sub.pid) 2>/dev/null' || break; sleep 0.1; done
+check "Subscribe received smoke-1 and ended" in_ct grep -q '"id": "smoke-1"' /tmp/sub.out
+
+say "kill -9 of the api"
+in_ct virtufin state set chain acknowledged "before-kill" >/dev/null
+wsm_pid=$(prop virtufin-websocketmanager MainPID)
+in_ct systemctl kill -s KILL virtufin-api
+for _ in $(seq 100); do [ "$(prop virtufin-api NRestarts)" -ge 1 ] && break; sleep 0.1; done
+check "systemd restarted the api (NRestarts=$(prop virtufin-api NRestarts))" wait_active virtufin-api
+ready_again() {
+  for _ in $(seq 300); do
+    [ "$(prop virtufin-websocketmanager StatusText)" = "virtufin-websocketmanager ready" ] &&
+      in_ct virtufin ws list >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}
+check "the websocketmanager re-handshook and is ready" ready_again
+check "... without being restarted (PID $wsm_pid)" test "$(prop virtufin-websocketmanager MainPID)" = "$wsm_pid"
+check "acknowledged state survived" test "$(in_ct virtufin state get chain acknowledged | grep -o before-kill)" = before-kill
+
+say "reboot"
+conn=$(in_ct virtufin ws connect ws://127.0.0.1:9100/ --auto-reconnect | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+check "a websocketmanager connection is open ($conn)" test -n "$conn"
+in_ct virtufin state set chain across-reboot "kept" >/dev/null
+in_ct systemctl reboot 2>/dev/null || true
+wait "$NSPAWN" || true
+boot
+for u in $UNITS; do check "$u is active after the reboot" wait_active "$u"; done
+check "state written before the reboot is there" test "$(in_ct virtufin state get chain across-reboot | grep -o kept)" = kept
+conn_back() { in_ct virtufin ws list | grep "\"id\":\"$conn\"" | grep -q '"status":"connected"'; }
+check "the websocketmanager's connection came back" conn_back
+
+say "security exposure (systemd-analyze security)"
+for u in $UNITS; do
+  score=$(in_ct systemd-analyze security "$u.service" --no-pager | sed -n 's/.*Overall exposure level for .*: \([0-9.]*\).*/\1/p')
+  echo "   $u: $score"
+  check "$u exposure $score <= 2.0" awk -v s="$score" 'BEGIN { exit !(s != "" && s <= 2.0) }'
+done
+
+say "start-to-ready time and idle RSS"
+in_ct systemctl stop virtufin-websocketmanager virtufin-api
+t0=$(python3 -c 'import time; print(int(time.monotonic() * 1e6))')
+in_ct systemctl start virtufin-api virtufin-websocketmanager
+t1=$(prop virtufin-websocketmanager ActiveEnterTimestampMonotonic)
+echo "   systemctl start → all ready: $(( (t1 - t0) / 1000 )) ms (target ≤ 1000 ms)"
+sleep 2
+for u in $UNITS; do
+  pid=$(prop "$u" MainPID)
+  echo "   $u idle RSS: $(in_ct awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$pid/status") (target ≤ 20 MiB)"
+done
+
+in_ct systemctl poweroff || true
+wait "$NSPAWN" || true
+NSPAWN=""
+echo "chain: $passes passed, $failures failed"
+if [ "$failures" -gt 0 ]; then
+  echo "(container console: $CACHE/console.log)"
+  exit 1
+fi
