@@ -5,6 +5,8 @@
 //! real daprd cannot be installed here.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use tokio::process::Command;
@@ -77,4 +79,59 @@ async fn ready_only_once_the_sidecar_works_and_data_lands_in_daprs_layout() {
     assert_eq!(fields.get("data").map(String::as_str), Some("through-dapr"));
     assert_eq!(fields.get("version"), Some(&etag));
     api.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_when_daprd_restarts() {
+    let mut api = common::start(common::Kind::Dapr).await;
+    common::ready(&api).await;
+    let mut stream = api
+        .client
+        .pubsub()
+        .subscribe(virtufin_api_client::pb::SubscribeRequest {
+            topic: "after-restart".into(),
+            subscriber: "s".into(),
+            group: "g".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut dapr = api.dapr.take().unwrap();
+    let (grpc, http) = (dapr.grpc, dapr.http);
+    dapr.kill();
+    // The api notices: the handshake fails while the sidecar is away.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while api.client.handshake().await.is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the api never noticed daprd going away"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let valkey_url = api.valkey.as_ref().unwrap().url();
+    api.dapr = Some(
+        virtufin_dapr_double::start(
+            &valkey_url,
+            "virtufin-api",
+            virtufin_store::DeliveryOptions::default(),
+            grpc,
+            http,
+        )
+        .await
+        .unwrap(),
+    );
+    common::ready(&api).await;
+    api.client.save("ws", "k", "after", "").await.unwrap();
+    assert_eq!(api.client.get("ws", "k").await.unwrap().unwrap().0, "after");
+    // The subscription opened before the restart delivers again.
+    let mut md = std::collections::HashMap::new();
+    md.insert("ce-id".to_owned(), "after-1".to_owned());
+    api.client.publish("after-restart", "x", md).await.unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(15), stream.message())
+        .await
+        .expect("event after the restart")
+        .unwrap()
+        .unwrap();
+    assert_eq!(ev.id, "after-1");
+    api.stop().await;
 }
