@@ -30,7 +30,13 @@ pass() { printf 'PASS  %s\n' "$*"; passes=$((passes + 1)); }
 fail() { printf 'FAIL  %s\n' "$*"; failures=$((failures + 1)); }
 check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
 
-need() { command -v "$1" >/dev/null || { say "installing $2"; apt-get install -y -qq "$2" >/dev/null; }; }
+apt_updated=""
+need() {
+  command -v "$1" >/dev/null && return 0
+  say "installing $2"
+  [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+}
 need debootstrap debootstrap
 need systemd-nspawn systemd-container
 command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked --quiet cargo-deb; }
