@@ -20,6 +20,10 @@ const SETS: &[(&str, &[&str])] = &[
         "websocketmanager_descriptor.bin",
         &["virtufin/websocketmanager/v1/websocketmanager.proto"],
     ),
+    (
+        "workmanager_descriptor.bin",
+        &["virtufin/workmanager/v1/workmanager.proto"],
+    ),
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

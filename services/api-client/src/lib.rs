@@ -3,6 +3,7 @@
 //! other services perform before they report ready.
 
 pub mod link;
+pub mod publisher;
 
 use std::{collections::HashMap, time::Duration};
 

@@ -20,7 +20,7 @@ use tokio_tungstenite::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{manager::Shared, publisher::MESSAGE_TYPE};
+use crate::{MESSAGE_TYPE, SOURCE, manager::Shared};
 
 /// A connection's state, as the contract spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,8 +370,9 @@ async fn inbound(shared: &Shared, conn: &Conn, data: Bytes, text: bool) {
     });
     shared
         .publisher
-        .publish(crate::publisher::json_event(
+        .publish(virtufin_api_client::publisher::json_event(
             &topic,
+            SOURCE,
             MESSAGE_TYPE,
             &envelope,
         ))

@@ -17,9 +17,15 @@ pub mod conn;
 pub mod grpc;
 mod http;
 pub mod manager;
-pub mod publisher;
 
 pub use config::Config;
+
+/// Lifecycle topic owned by the websocketmanager.
+pub const STATUS_TOPIC: &str = "websocketmanager.connectionstatus";
+/// CloudEvent source of everything the websocketmanager publishes.
+pub const SOURCE: &str = "urn:com.virtufin.websocketmanager";
+/// CloudEvent type of forwarded frames.
+pub const MESSAGE_TYPE: &str = "com.virtufin.websocketmanager.message";
 pub use serve::Listeners;
 
 /// Why the websocketmanager could not run.
@@ -55,7 +61,7 @@ pub async fn run(
     let restore_check = health.register("restore", "waiting for the api");
 
     let (publisher, publisher_task) =
-        publisher::Publisher::spawn(api.clone(), 10_000, shutdown.clone());
+        virtufin_api_client::publisher::Publisher::spawn(api.clone(), 10_000, shutdown.clone());
     let shared = manager::Shared::new(api.clone(), config.clone(), publisher, shutdown.clone())
         .map_err(RunError::Config)?;
     tracing::info!(instance = %shared.instance, api = %api.addr(), "starting");

@@ -20,8 +20,8 @@ use virtufin_common::ApiError;
 use crate::{
     config::Config,
     conn::{self, Conn, FirstAttempt, Outgoing, Status},
-    publisher::Publisher,
 };
+use virtufin_api_client::publisher::{Publisher, json_event};
 
 /// The websocketmanager's own state service name.
 pub const SERVICE: &str = "websocketmanager";
@@ -150,10 +150,21 @@ impl Shared {
         }
     }
 
+    /// A lifecycle event on `websocketmanager.connectionstatus`.
     pub async fn lifecycle(&self, conn: &Conn, kind: &str, extra: Map<String, Value>) {
-        self.publisher
-            .lifecycle(kind, &conn.id, &conn.url, &self.instance, extra)
-            .await;
+        let mut data = Map::new();
+        data.insert("connection_id".into(), conn.id.clone().into());
+        data.insert("url".into(), conn.url.clone().into());
+        data.insert("instance_id".into(), self.instance.clone().into());
+        data.extend(extra);
+        let event = json_event(
+            crate::STATUS_TOPIC,
+            crate::SOURCE,
+            &format!("com.virtufin.websocketmanager.connection.{kind}"),
+            &Value::Object(data),
+        );
+        tracing::info!(connection = %conn.id, event = kind, "lifecycle");
+        self.publisher.publish(event).await;
     }
 
     /// Starts the actor of a connection this instance owns.

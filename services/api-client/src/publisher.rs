@@ -1,22 +1,15 @@
-//! Everything the websocketmanager publishes (lifecycle events and
-//! forwarded frames) goes through one ordered queue to the api's
-//! PublishEvents: causal order holds, a burst becomes one round trip, and
-//! while the api is away the queue waits and retries instead of dropping —
-//! its bound pushes back on the WebSocket readers (and so on the peers).
+//! An ordered publishing queue to the api's PublishEvents, for services
+//! whose events must keep causal order (lifecycle events, forwarded
+//! traffic): a burst becomes one round trip, and while the api is away the
+//! queue waits and retries instead of dropping — its bound pushes back on
+//! the producers.
 
 use std::{collections::HashMap, time::Duration};
 
-use serde_json::{Map, Value};
+use crate::{ApiClient, ClientError, pb::PublishEventRequest};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use virtufin_api_client::{ApiClient, ClientError, pb::PublishEventRequest};
-
-/// Lifecycle topic owned by the websocketmanager.
-pub const STATUS_TOPIC: &str = "websocketmanager.connectionstatus";
-/// CloudEvent source of everything the websocketmanager publishes.
-pub const SOURCE: &str = "urn:com.virtufin.websocketmanager";
-/// CloudEvent type of forwarded frames.
-pub const MESSAGE_TYPE: &str = "com.virtufin.websocketmanager.message";
 
 const BATCH: usize = 256;
 
@@ -45,36 +38,18 @@ impl Publisher {
             tracing::warn!("publisher stopped; event dropped");
         }
     }
-
-    /// A lifecycle event on `websocketmanager.connectionstatus`.
-    pub async fn lifecycle(
-        &self,
-        kind: &str,
-        connection_id: &str,
-        url: &str,
-        instance_id: &str,
-        extra: Map<String, Value>,
-    ) {
-        let mut data = Map::new();
-        data.insert("connection_id".into(), connection_id.into());
-        data.insert("url".into(), url.into());
-        data.insert("instance_id".into(), instance_id.into());
-        data.extend(extra);
-        let event = json_event(
-            STATUS_TOPIC,
-            &format!("com.virtufin.websocketmanager.connection.{kind}"),
-            &Value::Object(data),
-        );
-        tracing::info!(connection = connection_id, event = kind, "lifecycle");
-        self.publish(event).await;
-    }
 }
 
-/// A CloudEvent with JSON data from the websocketmanager.
-pub fn json_event(topic: &str, event_type: &str, data: &Value) -> PublishEventRequest {
+/// A CloudEvent with JSON data.
+pub fn json_event(
+    topic: &str,
+    source: &str,
+    event_type: &str,
+    data: &Value,
+) -> PublishEventRequest {
     let mut metadata = HashMap::new();
     metadata.insert("ce-type".to_owned(), event_type.to_owned());
-    metadata.insert("ce-source".to_owned(), SOURCE.to_owned());
+    metadata.insert("ce-source".to_owned(), source.to_owned());
     metadata.insert(
         "ce-datacontenttype".to_owned(),
         "application/json".to_owned(),
