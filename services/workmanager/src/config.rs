@@ -1,0 +1,170 @@
+//! The workmanager's settings.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::Parser;
+use virtufin_common::config::parse_listen_urls;
+
+use crate::engine::python::PythonOptions;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenUrls(pub Vec<SocketAddr>);
+
+fn parse_urls(s: &str) -> Result<ListenUrls, String> {
+    parse_listen_urls(s)
+        .map(ListenUrls)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 15s, 2m)"))
+}
+
+/// The default blocked modules: process, network and native-code access.
+/// (The real boundary is the process and the systemd sandbox; this keeps
+/// well-meant worker code on its lane.)
+pub const DEFAULT_BLOCKED: &str = "subprocess,socket,_socket,ctypes,_ctypes,multiprocessing,urllib.request,http.client,ftplib,smtplib,telnetlib,pty,requests";
+
+/// virtufin-workmanager: runs user workers on event topics.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "virtufin-workmanager", version, about, long_about = None)]
+pub struct Config {
+    #[arg(long = "urls", env = "ASPNETCORE_URLS", default_value = "http://127.0.0.1:5101", value_parser = parse_urls)]
+    pub http_urls: ListenUrls,
+    #[arg(long, env = "VIRTUFIN_HTTP_PORT")]
+    pub http_port: Option<u16>,
+    #[arg(long, env = "VIRTUFIN_GRPC_PORT", default_value_t = 5102)]
+    pub grpc_port: u16,
+    #[arg(long, env = "VIRTUFIN_GRPC_HOST", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
+    pub grpc_host: IpAddr,
+    #[arg(long, env = "VIRTUFIN_API_HOST", default_value = "127.0.0.1")]
+    pub api_host: String,
+    #[arg(long, env = "VIRTUFIN_API_GRPC_PORT", default_value_t = 5002)]
+    pub api_grpc_port: u16,
+    /// This instance's id. Default: HOSTNAME, else the host name.
+    #[arg(long, env = "VIRTUFIN_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+    /// Where worker code and sockets live (systemd: $STATE_DIRECTORY).
+    #[arg(long, env = "STATE_DIRECTORY", default_value = ".virtufin/workmanager")]
+    pub state_dir: PathBuf,
+    /// The Python interpreter for text/x-python workers.
+    #[arg(long, env = "VIRTUFIN_WM_PYTHON", default_value = "python3")]
+    pub python: PathBuf,
+    /// Modules Python workers may not import, comma-separated.
+    #[arg(long, env = "VIRTUFIN_WM_PYTHON_BLOCKED_MODULES", default_value = DEFAULT_BLOCKED)]
+    pub blocked_modules: String,
+    /// Longest time one event may take in a worker.
+    #[arg(long, env = "VIRTUFIN_WM_EVENT_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub event_timeout: Duration,
+    /// Memory (address space) limit of each worker process, in MiB (0: none).
+    #[arg(long, env = "VIRTUFIN_WM_MEMORY_LIMIT_MB", default_value_t = 512)]
+    pub memory_limit_mb: u64,
+    /// Idle workers are pinged this often; one that does not answer is restarted.
+    #[arg(long, env = "VIRTUFIN_WM_PING_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub ping_interval: Duration,
+    #[arg(long, env = "VIRTUFIN_WM_PING_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub ping_timeout: Duration,
+    /// How long a worker process may take to load its code.
+    #[arg(long, env = "VIRTUFIN_WM_READY_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+    /// Failures of one event before it is dropped (with a worker.error).
+    #[arg(long, env = "VIRTUFIN_WM_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// Largest worker code, in bytes.
+    #[arg(long, env = "VIRTUFIN_WM_MAX_CODE_BYTES", default_value_t = 512 * 1024)]
+    pub max_code_bytes: usize,
+    /// Lifetime of the recovery lease.
+    #[arg(long, env = "VIRTUFIN_WM_RECOVERY_LEASE", default_value = "300s", value_parser = parse_duration)]
+    pub recovery_lease: Duration,
+    #[arg(long, env = "VIRTUFIN_API_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub api_grace: Duration,
+    #[arg(long, env = "VIRTUFIN_PROBE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub probe_interval: Duration,
+    #[arg(long, env = "VIRTUFIN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    pub fn defaults() -> Self {
+        Self::parse_from(["virtufin-workmanager"])
+    }
+
+    pub fn http_addrs(&self) -> Vec<SocketAddr> {
+        self.http_urls
+            .0
+            .iter()
+            .map(|a| match self.http_port {
+                Some(p) => SocketAddr::new(a.ip(), p),
+                None => *a,
+            })
+            .collect()
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.grpc_host, self.grpc_port)
+    }
+
+    pub fn api_addr(&self) -> String {
+        format!("{}:{}", self.api_host, self.api_grpc_port)
+    }
+
+    pub fn instance(&self) -> String {
+        if let Some(id) = self.instance_id.as_ref().filter(|s| !s.is_empty()) {
+            return id.clone();
+        }
+        if let Ok(h) = std::env::var("HOSTNAME")
+            && !h.is_empty()
+        {
+            return h;
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("wm-{}", uuid::Uuid::new_v4()))
+    }
+
+    /// The interpreter as an absolute path (workers run with an empty
+    /// environment, so PATH is looked up here).
+    pub fn python_path(&self) -> PathBuf {
+        if self.python.components().count() > 1 {
+            return self.python.clone();
+        }
+        std::env::var_os("PATH")
+            .and_then(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join(&self.python))
+                    .find(|p| p.is_file())
+            })
+            .unwrap_or_else(|| self.python.clone())
+    }
+
+    pub fn python_options(&self) -> PythonOptions {
+        PythonOptions {
+            python: self.python_path(),
+            blocked_modules: self
+                .blocked_modules
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect(),
+            ready_timeout: self.ready_timeout,
+            memory_limit_bytes: self.memory_limit_mb.saturating_mul(1024 * 1024),
+            max_frame_bytes: 16 * 1024 * 1024,
+        }
+    }
+
+    pub fn check(&self) -> Result<(), String> {
+        if self.max_attempts == 0 {
+            return Err("VIRTUFIN_WM_MAX_ATTEMPTS must be at least 1".into());
+        }
+        virtufin_api_client::ApiClient::lazy(&self.api_addr())
+            .map(|_| ())
+            .map_err(|e| format!("invalid VIRTUFIN_API_HOST/VIRTUFIN_API_GRPC_PORT: {e}"))
+    }
+}

@@ -1,0 +1,334 @@
+//! A running worker: its engine process and its acknowledged subscription
+//! through the api. Each event goes to the engine; the answer is published
+//! to its `type` (or the input's `replytopic`) with the input's
+//! `correlationid`, and only then is the event acknowledged — so an event
+//! being processed when its worker dies is delivered again.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use serde_json::{Map, Value, json};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use virtufin_api_client::pb::{
+    self, EventStatus, PublishEventRequest, SubscribeTopicEventsAck, SubscribeTopicEventsRequest,
+    subscribe_topic_events_request::SubscribeTopicEventsRequestType as Req,
+    subscribe_topic_events_response::SubscribeTopicEventsResponseType as Resp,
+};
+
+use crate::{
+    engine::{EngineError, python::PythonEngine},
+    manager::Shared,
+};
+
+/// What a worker runs.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub id: String,
+    pub topic: String,
+    pub group: String,
+    pub config: HashMap<String, String>,
+    pub code: Vec<u8>,
+}
+
+/// Handle to a running worker.
+pub struct Running {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub fn start(shared: Arc<Shared>, spec: WorkerSpec) -> Self {
+        let cancel = shared.shutdown.child_token();
+        let task = tokio::spawn(run(shared, spec, cancel.clone()));
+        Self { cancel, task }
+    }
+
+    /// Stops the worker and waits for its process to end.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// CloudEvent attributes with fields of their own.
+const CORE: &[&str] = &[
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "datacontenttype",
+    "data",
+    "time",
+    "subject",
+    "dataschema",
+];
+
+fn prost_to_json(v: &prost_types::Value) -> Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::NumberValue(n)) => json!(n),
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::StructValue(s)) => Value::Object(
+            s.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), prost_to_json(v)))
+                .collect(),
+        ),
+        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(prost_to_json).collect()),
+        Some(Kind::NullValue(_)) | None => Value::Null,
+    }
+}
+
+/// The CloudEvent-shaped dict a worker's `Process(event)` receives, with
+/// the worker's config stamped on as extension attributes (an attribute
+/// the event already has wins).
+pub fn event_dict(ev: &pb::TopicEventRequest, config: &HashMap<String, String>) -> Value {
+    let mut m = Map::new();
+    if let Some(ext) = &ev.extensions {
+        for (k, v) in &ext.fields {
+            m.insert(k.clone(), prost_to_json(v));
+        }
+    }
+    for (k, v) in config {
+        m.entry(k.clone())
+            .or_insert_with(|| Value::String(v.clone()));
+    }
+    let data = if ev.data_content_type.contains("json") {
+        serde_json::from_slice(&ev.data)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&ev.data).into_owned()))
+    } else {
+        Value::String(String::from_utf8_lossy(&ev.data).into_owned())
+    };
+    m.insert("id".into(), ev.id.clone().into());
+    m.insert("source".into(), ev.source.clone().into());
+    m.insert("type".into(), ev.r#type.clone().into());
+    m.insert("specversion".into(), ev.spec_version.clone().into());
+    m.insert(
+        "datacontenttype".into(),
+        ev.data_content_type.clone().into(),
+    );
+    m.insert("topic".into(), ev.topic.clone().into());
+    m.insert("data".into(), data);
+    Value::Object(m)
+}
+
+/// Turns a worker's answer into a publish: topic = the input's
+/// `replytopic`, else the answer's `type`; `correlationid` carried over.
+pub fn answer_event(input: &Value, answer: &Value) -> Result<PublishEventRequest, String> {
+    let Value::Object(a) = answer else {
+        return Err("the answer is not a dict".into());
+    };
+    let ty = a.get("type").and_then(Value::as_str).unwrap_or("");
+    let reply = input
+        .get("replytopic")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let topic = if reply.is_empty() { ty } else { reply };
+    if topic.is_empty() {
+        return Err("the answer has no type (and the input no replytopic) to publish to".into());
+    }
+    let mut md = HashMap::new();
+    if !ty.is_empty() {
+        md.insert("ce-type".to_owned(), ty.to_owned());
+    }
+    let source = a
+        .get("source")
+        .and_then(Value::as_str)
+        .unwrap_or(crate::SOURCE);
+    md.insert("ce-source".to_owned(), source.to_owned());
+    if let Some(id) = a.get("id").and_then(Value::as_str) {
+        md.insert("ce-id".to_owned(), id.to_owned());
+    }
+    let data = a.get("data").cloned().unwrap_or(Value::Null);
+    let (data, ct) = match data {
+        Value::String(s) => (
+            s,
+            a.get("datacontenttype")
+                .and_then(Value::as_str)
+                .unwrap_or("text/plain")
+                .to_owned(),
+        ),
+        other => (other.to_string(), "application/json".to_owned()),
+    };
+    md.insert("ce-datacontenttype".to_owned(), ct);
+    for (k, v) in a {
+        if !CORE.contains(&k.as_str())
+            && let Some(s) = v.as_str()
+        {
+            md.insert(format!("ce-{k}"), s.to_owned());
+        }
+    }
+    if !md.contains_key("ce-correlationid")
+        && let Some(c) = input.get("correlationid").and_then(Value::as_str)
+    {
+        md.insert("ce-correlationid".to_owned(), c.to_owned());
+    }
+    Ok(PublishEventRequest {
+        topic: topic.to_owned(),
+        data,
+        metadata: md,
+    })
+}
+
+type Inbound = tonic::Streaming<pb::SubscribeTopicEventsResponse>;
+
+async fn open(
+    shared: &Shared,
+    spec: &WorkerSpec,
+) -> Result<(mpsc::Sender<SubscribeTopicEventsRequest>, Inbound), String> {
+    let (tx, rx) = mpsc::channel(64);
+    let initial = SubscribeTopicEventsRequest {
+        subscribe_topic_events_request_type: Some(Req::InitialRequest(pb::SubscribeRequest {
+            topic: spec.topic.clone(),
+            subscriber: format!("worker-{}", spec.id),
+            group: spec.group.clone(),
+        })),
+    };
+    tx.send(initial).await.map_err(|e| e.to_string())?;
+    let stream = shared
+        .api
+        .pubsub()
+        .subscribe_topic_events(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    Ok((tx, stream))
+}
+
+fn ack(id: &str, status: EventStatus) -> SubscribeTopicEventsRequest {
+    SubscribeTopicEventsRequest {
+        subscribe_topic_events_request_type: Some(Req::EventProcessed(SubscribeTopicEventsAck {
+            id: id.to_owned(),
+            status: status as i32,
+        })),
+    }
+}
+
+async fn run(shared: Arc<Shared>, spec: WorkerSpec, cancel: CancellationToken) {
+    let span = tracing::info_span!("worker", id = %spec.id, topic = %spec.topic);
+    let _e = span.enter();
+    let dir = shared.config.state_dir.join("workers").join(&spec.id);
+    let mut engine: Option<PythonEngine> = None;
+    let mut attempts: HashMap<String, u32> = HashMap::new();
+    let mut backoff = Duration::from_millis(100);
+    let mut ping = tokio::time::interval(shared.config.ping_interval);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    'subscription: loop {
+        let (tx, mut inbound) = match open(&shared, &spec).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot subscribe through the api; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => break 'subscription,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break 'subscription,
+                _ = ping.tick() => {
+                    if let Some(mut e) = engine.take() {
+                        match e.ping(shared.config.ping_timeout).await {
+                            Ok(()) => engine = Some(e),
+                            Err(err) => {
+                                tracing::warn!(error = %err, "the worker process failed its ping; restarting it");
+                                shared.worker_error(&spec, &err).await;
+                                e.kill().await;
+                            }
+                        }
+                    }
+                }
+                m = inbound.message() => match m {
+                    Ok(Some(pb::SubscribeTopicEventsResponse { subscribe_topic_events_response_type: Some(Resp::EventMessage(ev)) })) => {
+                        let status = handle(&shared, &spec, &dir, &mut engine, &mut attempts, &ev).await;
+                        if tx.send(ack(&ev.id, status)).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        tracing::warn!("the api subscription ended; reopening");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+    if let Some(e) = engine {
+        e.shutdown().await;
+    }
+}
+
+/// Processes one event; returns how to acknowledge it.
+async fn handle(
+    shared: &Shared,
+    spec: &WorkerSpec,
+    dir: &std::path::Path,
+    engine: &mut Option<PythonEngine>,
+    attempts: &mut HashMap<String, u32>,
+    ev: &pb::TopicEventRequest,
+) -> EventStatus {
+    if engine.is_none() {
+        match PythonEngine::start(&shared.config.python_options(), &spec.id, &spec.code, dir).await
+        {
+            Ok(e) => *engine = Some(e),
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot start the worker process");
+                shared.worker_error(spec, &err).await;
+                return give_up_or_retry(shared, attempts, &ev.id);
+            }
+        }
+    }
+    let Some(e) = engine.as_mut() else {
+        return EventStatus::Retry;
+    };
+    let input = event_dict(ev, &spec.config);
+    match e.process(input.clone(), shared.config.event_timeout).await {
+        Ok(None) => {
+            attempts.remove(&ev.id);
+            EventStatus::Success
+        }
+        Ok(Some(answer)) => match answer_event(&input, &answer) {
+            Ok(out) => match shared.api.publish_many(vec![out]).await {
+                Ok(_) => {
+                    attempts.remove(&ev.id);
+                    EventStatus::Success
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "cannot publish the answer; the event will come back");
+                    EventStatus::Retry
+                }
+            },
+            Err(why) => {
+                shared.worker_error(spec, &EngineError::Protocol(why)).await;
+                EventStatus::Drop
+            }
+        },
+        Err(err) => {
+            shared.worker_error(spec, &err).await;
+            if err.needs_restart()
+                && let Some(e) = engine.take()
+            {
+                e.kill().await;
+            }
+            give_up_or_retry(shared, attempts, &ev.id)
+        }
+    }
+}
+
+fn give_up_or_retry(shared: &Shared, attempts: &mut HashMap<String, u32>, id: &str) -> EventStatus {
+    let n = attempts.entry(id.to_owned()).or_insert(0);
+    *n += 1;
+    if *n >= shared.config.max_attempts {
+        attempts.remove(id);
+        tracing::warn!(event = id, "giving up on an event after repeated failures");
+        EventStatus::Drop
+    } else {
+        EventStatus::Retry
+    }
+}

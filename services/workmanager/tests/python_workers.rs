@@ -1,0 +1,559 @@
+//! Python workers through a real api on a real Valkey: answers with
+//! correlation and config, lifecycle events, errors, crashes, hangs,
+//! blocked modules, recovery after a restart, and bad input.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{collections::HashMap, net::SocketAddr, time::Duration};
+
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, transport::Channel};
+use virtufin_api_client::{ApiClient, pb as api_pb};
+use virtufin_proto::workmanager::v1::{
+    self as pb, code_source::Source, work_manager_client::WorkManagerClient,
+};
+use virtufin_testkit::ValkeyServer;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Stack {
+    _valkey: ValkeyServer,
+    api: ApiClient,
+    api_addr: SocketAddr,
+    api_stop: CancellationToken,
+    state: tempfile::TempDir,
+}
+
+async fn stack() -> Stack {
+    let valkey = ValkeyServer::start();
+    let mut c = virtufin_api::Config::defaults();
+    c.http_urls = virtufin_api::config::ListenUrls(vec!["127.0.0.1:0".parse().unwrap()]);
+    c.grpc_port = 0;
+    c.backend = Some(virtufin_api::BackendKind::Valkey);
+    c.valkey_url = Some(valkey.url());
+    c.processing_timeout = Duration::from_millis(500);
+    c.reclaim_interval = Duration::from_millis(100);
+    c.retry_delay = Duration::from_millis(50);
+    let listeners = virtufin_api::bind(&c).await.unwrap();
+    let api_addr = listeners.grpc_addr().unwrap();
+    let api_stop = CancellationToken::new();
+    tokio::spawn(virtufin_api::run(c, listeners, api_stop.clone()));
+    let api = ApiClient::lazy(&api_addr.to_string()).unwrap();
+    until(|| async { api.handshake().await.is_ok() }).await;
+    Stack {
+        _valkey: valkey,
+        api,
+        api_addr,
+        api_stop,
+        state: tempfile::tempdir().unwrap(),
+    }
+}
+
+struct Wm {
+    client: WorkManagerClient<Channel>,
+    http: SocketAddr,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), virtufin_workmanager::RunError>>,
+}
+
+async fn wm(s: &Stack, tweak: impl FnOnce(&mut virtufin_workmanager::Config)) -> Wm {
+    let mut c = virtufin_workmanager::Config::defaults();
+    c.http_urls = virtufin_workmanager::config::ListenUrls(vec!["127.0.0.1:0".parse().unwrap()]);
+    c.grpc_port = 0;
+    c.api_grpc_port = s.api_addr.port();
+    c.instance_id = Some("wm-test".into());
+    c.state_dir = s.state.path().to_path_buf();
+    c.probe_interval = Duration::from_millis(100);
+    c.event_timeout = Duration::from_secs(5);
+    c.drain_timeout = Duration::from_secs(2);
+    tweak(&mut c);
+    let listeners = virtufin_workmanager::bind(&c).await.unwrap();
+    let grpc = listeners.grpc_addr().unwrap();
+    let http = listeners.http_addrs()[0];
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(virtufin_workmanager::run(c, listeners, stop.clone()));
+    let url = format!("http://{http}/health");
+    until(|| {
+        let u = url.clone();
+        async move {
+            reqwest::get(&u)
+                .await
+                .map(|r| r.status().as_u16() == 200)
+                .unwrap_or(false)
+        }
+    })
+    .await;
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Wm {
+        client: WorkManagerClient::new(ch),
+        http,
+        stop,
+        task,
+    }
+}
+
+impl Wm {
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn until<F, Fut>(mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn create(code: &str, topic: &str, config: &[(&str, &str)]) -> pb::CreateWorkerRequest {
+    pb::CreateWorkerRequest {
+        code_source: Some(pb::CodeSource {
+            source: Some(Source::Content(code.as_bytes().to_vec())),
+            sha256: String::new(),
+        }),
+        mime_type: "text/x-python".into(),
+        topic: topic.into(),
+        config: config
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        tags: HashMap::new(),
+        group: String::new(),
+    }
+}
+
+async fn subscribe(api: &ApiClient, topic: &str) -> tonic::Streaming<api_pb::TopicEventRequest> {
+    api.pubsub()
+        .subscribe(api_pb::SubscribeRequest {
+            topic: topic.into(),
+            subscriber: format!("t-{topic}"),
+            group: format!("t-{topic}"),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn next(s: &mut tonic::Streaming<api_pb::TopicEventRequest>) -> api_pb::TopicEventRequest {
+    tokio::time::timeout(WAIT, s.message())
+        .await
+        .expect("event in time")
+        .unwrap()
+        .expect("open")
+}
+
+/// The next lifecycle event of `worker`: (kind, data).
+async fn lifecycle(
+    s: &mut tonic::Streaming<api_pb::TopicEventRequest>,
+    worker: &str,
+) -> (String, serde_json::Value) {
+    loop {
+        let ev = next(s).await;
+        let d: serde_json::Value = serde_json::from_slice(&ev.data).unwrap();
+        if d["worker_id"] == worker {
+            return (ev.r#type.rsplit('.').next().unwrap().to_owned(), d);
+        }
+    }
+}
+
+fn ext(ev: &api_pb::TopicEventRequest, k: &str) -> Option<String> {
+    ev.extensions
+        .as_ref()?
+        .fields
+        .get(k)
+        .and_then(|v| match &v.kind {
+            Some(prost_types::value::Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        })
+}
+
+async fn publish(api: &ApiClient, topic: &str, data: &str, md: &[(&str, &str)]) {
+    api.publish(
+        topic,
+        data,
+        md.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+    .await
+    .unwrap();
+}
+
+const ECHO: &str = r#"
+def Process(event):
+    return {"type": "answers", "source": "urn:echo", "data": {"got": event["data"], "region": event.get("region")}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_worker_answers_with_config_and_correlation() {
+    let s = stack().await;
+    let mut status = subscribe(&s.api, "workmanager.workerstatus").await;
+    let mut answers = subscribe(&s.api, "answers").await;
+    let mut w = wm(&s, |_| {}).await;
+    let id = w
+        .client
+        .create_worker(create(ECHO, "jobs", &[("region", "eu")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    assert_eq!(
+        lifecycle(&mut status, &id).await,
+        (
+            "created".into(),
+            serde_json::json!({"worker_id": id, "group": id, "topic": "jobs"})
+        )
+    );
+    w.client
+        .start_worker(pb::StartWorkerRequest { id: id.clone() })
+        .await
+        .unwrap();
+    w.client
+        .start_worker(pb::StartWorkerRequest { id: id.clone() })
+        .await
+        .unwrap(); // idempotent
+    assert_eq!(lifecycle(&mut status, &id).await.0, "started");
+    publish(&s.api, "jobs", r#"{"n":1}"#, &[("ce-correlationid", "c-1")]).await;
+    let a = next(&mut answers).await;
+    assert_eq!(a.source, "urn:echo");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&a.data).unwrap(),
+        serde_json::json!({"got": {"n": 1}, "region": "eu"})
+    );
+    assert_eq!(ext(&a, "correlationid").as_deref(), Some("c-1"));
+    // replytopic overrides the answer's type as destination.
+    let mut replies = subscribe(&s.api, "my-replies").await;
+    publish(&s.api, "jobs", r#""x""#, &[("ce-replytopic", "my-replies")]).await;
+    let r = next(&mut replies).await;
+    assert_eq!(r.r#type, "answers");
+    let list = w
+        .client
+        .list_workers(pb::ListWorkersRequest { filters: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(list.len(), 1);
+    assert_eq!(
+        (list[0].status, list[0].language.as_str()),
+        (pb::WorkerStatus::Running as i32, "python")
+    );
+    w.client
+        .stop_worker(pb::StopWorkerRequest { id: id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(lifecycle(&mut status, &id).await.0, "stopped");
+    w.stop().await;
+    s.api_stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_crashes_hangs_and_blocked_modules_are_contained() {
+    let s = stack().await;
+    let mut status = subscribe(&s.api, "workmanager.workerstatus").await;
+    let mut answers = subscribe(&s.api, "answers").await;
+    let marker = s.state.path().join("crashed-once");
+    let mut w = wm(&s, |c| c.event_timeout = Duration::from_millis(500)).await;
+
+    // Dies mid-event the first time: the event comes again to a new process.
+    let crash = r#"
+import os
+def Process(event):
+    if not os.path.exists(event["marker"]):
+        open(event["marker"], "w").close()
+        os._exit(3)
+    return {"type": "answers", "data": "survived"}
+"#;
+    let id = w
+        .client
+        .create_worker(create(
+            crash,
+            "crashy",
+            &[("marker", marker.to_str().unwrap())],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    w.client
+        .start_worker(pb::StartWorkerRequest { id: id.clone() })
+        .await
+        .unwrap();
+    publish(&s.api, "crashy", "go", &[]).await;
+    let a = next(&mut answers).await;
+    assert_eq!(a.data, b"survived");
+    let mut kinds = Vec::new();
+    loop {
+        let (k, d) = lifecycle(&mut status, &id).await;
+        if k == "error" {
+            assert_eq!(d["error_type"], "crashed", "{d}");
+            break;
+        }
+        kinds.push(k);
+    }
+
+    // A user exception: reported with its Python type, the worker lives on.
+    let raises = "def Process(event):\n    raise ValueError('bad input ' + str(event['data']))\n";
+    let id2 = w
+        .client
+        .create_worker(create(raises, "raisy", &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    w.client
+        .start_worker(pb::StartWorkerRequest { id: id2.clone() })
+        .await
+        .unwrap();
+    publish(&s.api, "raisy", "7", &[]).await;
+    let (k, d) = loop {
+        let x = lifecycle(&mut status, &id2).await;
+        if x.0 == "error" {
+            break x;
+        }
+    };
+    assert_eq!(
+        (k.as_str(), d["error_type"].as_str()),
+        ("error", Some("ValueError"))
+    );
+    assert!(
+        d["error_message"].as_str().unwrap().contains("bad input 7"),
+        "{d}"
+    );
+
+    // A hang: timed out, killed, reported.
+    let hangs = "def Process(event):\n    while True:\n        pass\n";
+    let id3 = w
+        .client
+        .create_worker(create(hangs, "hangy", &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    w.client
+        .start_worker(pb::StartWorkerRequest { id: id3.clone() })
+        .await
+        .unwrap();
+    publish(&s.api, "hangy", "x", &[]).await;
+    let d = loop {
+        let x = lifecycle(&mut status, &id3).await;
+        if x.0 == "error" {
+            break x.1;
+        }
+    };
+    assert_eq!(d["error_type"], "timeout", "{d}");
+
+    // A blocked module: the code does not load.
+    let blocked = "import subprocess\ndef Process(event):\n    return None\n";
+    let id4 = w
+        .client
+        .create_worker(create(blocked, "blocky", &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    w.client
+        .start_worker(pb::StartWorkerRequest { id: id4.clone() })
+        .await
+        .unwrap();
+    publish(&s.api, "blocky", "x", &[]).await;
+    let d = loop {
+        let x = lifecycle(&mut status, &id4).await;
+        if x.0 == "error" {
+            break x.1;
+        }
+    };
+    assert_eq!(d["error_type"], "load:ImportError", "{d}");
+    assert!(
+        d["error_message"].as_str().unwrap().contains("not allowed"),
+        "{d}"
+    );
+
+    // The workmanager itself is fine throughout.
+    assert_eq!(
+        reqwest::get(format!("http://{}/health", w.http))
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    w.stop().await;
+    s.api_stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_workers_are_recovered_after_a_restart() {
+    let s = stack().await;
+    let mut answers = subscribe(&s.api, "answers").await;
+    let mut w = wm(&s, |_| {}).await;
+    let id = w
+        .client
+        .create_worker(create(ECHO, "durable", &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    w.client
+        .start_worker(pb::StartWorkerRequest { id: id.clone() })
+        .await
+        .unwrap();
+    w.stop().await;
+    // While the workmanager is down, an event waits in the worker's group.
+    publish(&s.api, "durable", "while-down", &[]).await;
+    let mut w = wm(&s, |_| {}).await; // ready = recovery done
+    let list = w
+        .client
+        .list_workers(pb::ListWorkersRequest { filters: vec![] })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(list[0].status, pb::WorkerStatus::Running as i32);
+    let a = next(&mut answers).await;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&a.data).unwrap()["got"],
+        "while-down"
+    );
+    let h = w
+        .client
+        .get_worker_history(pb::GetWorkerHistoryRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(h.len(), 1);
+    w.stop().await;
+    s.api_stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_change_nothing() {
+    let s = stack().await;
+    let mut w = wm(&s, |_| {}).await;
+    let mut bad = create(ECHO, "t", &[]);
+    bad.mime_type = "text/x-cobol".into();
+    assert_eq!(
+        w.client.create_worker(bad).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut dotnet = create(ECHO, "t", &[]);
+    dotnet.mime_type = "application/x-dotnet-dll".into();
+    let e = w.client.create_worker(dotnet).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains(".NET"), "{}", e.message());
+    assert_eq!(
+        w.client
+            .create_worker(create(ECHO, "", &[]))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    let mut sha = create(ECHO, "t", &[]);
+    sha.code_source.as_mut().unwrap().sha256 = "00".repeat(32);
+    assert_eq!(
+        w.client.create_worker(sha).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let mut many = create(ECHO, "t", &[]);
+    many.tags = (0..51).map(|i| (format!("k{i}"), "v".into())).collect();
+    assert_eq!(
+        w.client.create_worker(many).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert!(
+        w.client
+            .list_workers(pb::ListWorkersRequest { filters: vec![] })
+            .await
+            .unwrap()
+            .into_inner()
+            .workers
+            .is_empty()
+    );
+    assert_eq!(
+        w.client
+            .start_worker(pb::StartWorkerRequest { id: "nope".into() })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    // Tags: limits and round trip.
+    let id = w
+        .client
+        .create_worker(create(ECHO, "t", &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    w.client
+        .set_tag(pb::SetTagRequest {
+            id: id.clone(),
+            key: "team".into(),
+            value: "fx".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        w.client
+            .get_tag(pb::GetTagRequest {
+                id: id.clone(),
+                key: "team".into()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .value,
+        "fx"
+    );
+    let e = w
+        .client
+        .set_tag(pb::SetTagRequest {
+            id: id.clone(),
+            key: "k".repeat(129),
+            value: "v".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let filtered = w
+        .client
+        .list_workers(pb::ListWorkersRequest {
+            filters: vec![pb::TagFilter {
+                key: "team".into(),
+                value: "fx".into(),
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .workers;
+    assert_eq!(filtered.len(), 1);
+    w.client
+        .delete_worker(pb::DeleteWorkerRequest { id: id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(
+        w.client
+            .get_tags(pb::GetTagsRequest { id })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    w.stop().await;
+    s.api_stop.cancel();
+}
