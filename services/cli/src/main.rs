@@ -8,6 +8,7 @@ use virtufin_api_client::ApiClient;
 mod events;
 mod smoke;
 mod up;
+mod workers;
 mod ws;
 
 #[derive(Debug, Parser)]
@@ -31,6 +32,15 @@ struct Cli {
     )]
     wsm: String,
 
+    /// The workmanager's gRPC address.
+    #[arg(
+        long,
+        env = "VIRTUFIN_WM",
+        global = true,
+        default_value = "127.0.0.1:5102"
+    )]
+    wm: String,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -52,6 +62,9 @@ enum Command {
     /// Drives the websocketmanager's connections.
     #[command(subcommand)]
     Ws(ws::WsCmd),
+    /// Manages the workmanager's workers.
+    #[command(subcommand)]
+    Workers(workers::WorkersCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,7 +124,7 @@ struct SubscribeArgs {
     count: Option<u64>,
 }
 
-fn parse_pair(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_pair(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))
@@ -141,6 +154,7 @@ async fn main() -> ExitCode {
         Command::Publish(p) => publish(&addr, p).await,
         Command::Subscribe(s) => subscribe(&addr, s).await,
         Command::Ws(c) => ws::run(&cli.wsm, c).await,
+        Command::Workers(c) => workers::run(&cli.wm, &addr, c).await,
     };
     match result {
         Ok(code) => code,

@@ -1,5 +1,6 @@
 //! `virtufin up`: the whole stack on this machine, in dependency order —
-//! Valkey (when one is installed), the api, then the websocketmanager — each waited for through
+//! Valkey (when one is installed), the api, then the websocketmanager and
+//! the workmanager — each waited for through
 //! its own `NOTIFY_SOCKET` exactly as systemd would, and stopped in reverse
 //! order on Ctrl-C.
 
@@ -148,6 +149,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "  virtufin-websocketmanager   gRPC 127.0.0.1:5202   HTTP http://127.0.0.1:5201/health"
             );
+            println!(
+                "  virtufin-workmanager        gRPC 127.0.0.1:5102   HTTP http://127.0.0.1:5101/health"
+            );
             println!("try: virtufin smoke    (Ctrl-C stops the stack)");
             wait_for_stop(&mut running).await
         }
@@ -232,6 +236,17 @@ async fn start_all(
         )
         .await?,
     );
+
+    let mut wm = Command::new(find_binary(
+        "virtufin-workmanager",
+        args.bin_dir.as_deref(),
+    )?);
+    wm.env("ASPNETCORE_URLS", "http://127.0.0.1:5101")
+        .env("VIRTUFIN_GRPC_PORT", "5102")
+        .env("VIRTUFIN_API_HOST", "127.0.0.1")
+        .env("VIRTUFIN_API_GRPC_PORT", "5002")
+        .env("STATE_DIRECTORY", state_dir.join("workmanager"));
+    running.push(start_notify("virtufin-workmanager", wm, state_dir, args.ready_timeout).await?);
     Ok(())
 }
 

@@ -15,7 +15,11 @@ const CLI: &str = env!("CARGO_BIN_EXE_virtufin");
 
 fn bin_dir() -> PathBuf {
     let dir = PathBuf::from(CLI).parent().unwrap().to_path_buf();
-    for bin in ["virtufin-api", "virtufin-websocketmanager"] {
+    for bin in [
+        "virtufin-api",
+        "virtufin-websocketmanager",
+        "virtufin-workmanager",
+    ] {
         assert!(
             dir.join(bin).is_file(),
             "{bin} is not built in {}: run the tests with `cargo test --workspace`",
@@ -42,6 +46,9 @@ async fn up_then_smoke_then_ctrl_c() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // If the test fails half way, stop the stack the way a person would
+    // (SIGINT), so `up` stops its services instead of orphaning them.
+    let _guard = StopOnDrop(up.id().unwrap());
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
     let ready = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(l) = lines.next_line().await.unwrap() {
@@ -127,6 +134,54 @@ async fn up_then_smoke_then_ctrl_c() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 
+    // And the workmanager: a Python worker answers an event.
+    let code = state.path().join("echo.py");
+    std::fs::write(
+        &code,
+        "def Process(event):\n    return {'type': 'cli-answers', 'data': event['data']}\n",
+    )
+    .unwrap();
+    let out = Command::new(CLI)
+        .args([
+            "workers",
+            "create",
+            code.to_str().unwrap(),
+            "--topic",
+            "cli-jobs",
+            "--start",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sub = Command::new(CLI)
+        .args(["subscribe", "cli-answers", "--count", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = Command::new(CLI)
+        .args(["publish", "cli-jobs", "ping"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let got = tokio::time::timeout(Duration::from_secs(30), sub.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let ev: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(ev["data"], "ping");
+    let out = Command::new(CLI)
+        .args(["workers", "list"])
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"status\":\"running\""));
+
     // Ctrl-C (SIGINT to `up` alone: the services run in their own process
     // group) stops everything in reverse order, and `up` exits 0.
     let pid = up.id().unwrap().to_string();
@@ -150,6 +205,24 @@ async fn up_then_smoke_then_ctrl_c() {
         "nothing answers once the stack is down"
     );
     assert!(String::from_utf8_lossy(&after.stdout).contains("FAIL  Health/HealthCheck"));
+}
+
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.0.to_string()])
+            .status();
+        // Give `up` a moment to stop its services in order.
+        for _ in 0..100 {
+            let alive = std::path::Path::new(&format!("/proc/{}", self.0)).exists();
+            if !alive {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
 }
 
 /// A WebSocket echo peer; returns its URL.
