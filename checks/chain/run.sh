@@ -18,10 +18,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 CACHE=${VIRTUFIN_CHAIN_CACHE:-/var/tmp/virtufin-chain}
-BASE=$CACHE/base-trixie
+PACKAGES=systemd,systemd-sysv,dbus,valkey-server,ca-certificates,python3
+# The cached root is keyed by its package list.
+BASE=$CACHE/base-trixie-$(echo "$PACKAGES" | md5sum | cut -c1-8)
 WORK=$CACHE/run
 MIRROR=${VIRTUFIN_CHAIN_MIRROR:-http://deb.debian.org/debian}
-UNITS="virtufin-api virtufin-websocketmanager"
+UNITS="virtufin-api virtufin-websocketmanager virtufin-workmanager"
 failures=0
 passes=0
 
@@ -42,7 +44,7 @@ need systemd-nspawn systemd-container
 command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked --quiet cargo-deb; }
 
 say "building release binaries and the .deb"
-cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocketmanager -p virtufin-testkit --bins
+cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocketmanager -p virtufin-workmanager -p virtufin-testkit --bins
 cargo deb -p virtufin --no-build --locked >/dev/null
 DEB=$(ls -t target/debian/virtufin_*.deb | head -1)
 pass "cargo deb -p virtufin built $(basename "$DEB")"
@@ -51,7 +53,7 @@ if [ ! -e "$BASE/.complete" ]; then
   say "debootstrap trixie (cached in $BASE)"
   rm -rf "$BASE"
   mkdir -p "$CACHE"
-  debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,valkey-server,ca-certificates \
+  debootstrap --variant=minbase --include="$PACKAGES" \
     trixie "$BASE" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1
   touch "$BASE/.complete"
 fi
@@ -106,8 +108,10 @@ boot
 for u in $UNITS; do check "$u is active after boot" wait_active "$u"; done
 
 api_ready=$(prop virtufin-api ActiveEnterTimestampMonotonic)
-wsm_start=$(prop virtufin-websocketmanager ExecMainStartTimestampMonotonic)
-check "websocketmanager started ($wsm_start µs) after the api was ready ($api_ready µs)" test "$wsm_start" -ge "$api_ready"
+for u in virtufin-websocketmanager virtufin-workmanager; do
+  started=$(prop $u ExecMainStartTimestampMonotonic)
+  check "$u started ($started µs) after the api was ready ($api_ready µs)" test "$started" -ge "$api_ready"
+done
 
 say "the api waits for Valkey"
 in_ct systemctl kill -s SIGSTOP valkey-server
@@ -118,12 +122,18 @@ check "the api is not active while Valkey does not answer (status: $(prop virtuf
 in_ct systemctl kill -s SIGCONT valkey-server
 check "the api becomes active once Valkey answers" wait_active virtufin-api
 check "the websocketmanager is active again" wait_active virtufin-websocketmanager
+check "the workmanager is active again" wait_active virtufin-workmanager
 
 say "the seed's smoke check, inside the container"
 in_ct grpcurl -plaintext virtufin-api:5002 virtufin.api.v1.Health/HealthCheck >/dev/null && pass "Health/HealthCheck" || fail "Health/HealthCheck"
 in_ct sh -c 'grpcurl -plaintext -d '"'"'{"topic":"websocketmanager.connectionstatus","subscriber":"test","group":"smoke"}'"'"' virtufin-api:5002 virtufin.api.v1.Pubsub/Subscribe >/tmp/sub.out 2>&1 & echo $! >/tmp/sub.pid'
-for _ in $(seq 50); do in_ct virtufin smoke >/dev/null 2>&1 && break; sleep 0.1; done
-sleep 0.5
+# Wait until the api lists the subscription (its HTTP side says so).
+subscribed() {
+  in_ct python3 -c 'import json, sys, urllib.request
+s = json.load(urllib.request.urlopen("http://127.0.0.1:5001/v1/pubsub/subscriptions"))
+sys.exit(0 if any(x["subscriber"] == "test" and x["group"] == "smoke" for x in s["subscriptions"]) else 1)' 2>/dev/null
+}
+for _ in $(seq 100); do subscribed && break; sleep 0.1; done
 in_ct grpcurl -plaintext -d '{"topic":"websocketmanager.connectionstatus","data":"{\"connection_id\":\"smoke\",\"url\":\"ws://localhost\"}","metadata":{"ce-type":"com.virtufin.websocketmanager.connection.connected","ce-source":"urn:test","ce-id":"smoke-1"}}' virtufin-api:5002 virtufin.api.v1.Pubsub/PublishEvent >/dev/null &&
   pass "Pubsub/PublishEvent" || fail "Pubsub/PublishEvent"
 in_ct grpcurl -plaintext -d '{"topic":"websocketmanager.connectionstatus","subscriber":"test","group":"smoke"}' virtufin-api:5002 virtufin.api.v1.Pubsub/Unsubscribe >/dev/null &&
@@ -134,6 +144,7 @@ check "Subscribe received smoke-1 and ended" in_ct grep -q '"id": "smoke-1"' /tm
 say "kill -9 of the api"
 in_ct virtufin state set chain acknowledged "before-kill" >/dev/null
 wsm_pid=$(prop virtufin-websocketmanager MainPID)
+wm_pid=$(prop virtufin-workmanager MainPID)
 in_ct systemctl kill -s KILL virtufin-api
 for _ in $(seq 100); do [ "$(prop virtufin-api NRestarts)" -ge 1 ] && break; sleep 0.1; done
 check "systemd restarted the api (NRestarts=$(prop virtufin-api NRestarts))" wait_active virtufin-api
@@ -147,19 +158,42 @@ ready_again() {
 }
 check "the websocketmanager re-handshook and is ready" ready_again
 check "... without being restarted (PID $wsm_pid)" test "$(prop virtufin-websocketmanager MainPID)" = "$wsm_pid"
+wm_ready_again() {
+  for _ in $(seq 300); do
+    [ "$(prop virtufin-workmanager StatusText)" = "virtufin-workmanager ready" ] &&
+      in_ct virtufin workers list >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  return 1
+}
+check "the workmanager re-handshook and is ready" wm_ready_again
+check "... without being restarted (PID $wm_pid)" test "$(prop virtufin-workmanager MainPID)" = "$wm_pid"
 check "acknowledged state survived" test "$(in_ct virtufin state get chain acknowledged | grep -o before-kill)" = before-kill
 
 say "reboot"
 conn=$(in_ct virtufin ws connect ws://127.0.0.1:9100/ --auto-reconnect | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
 check "a websocketmanager connection is open ($conn)" test -n "$conn"
 in_ct virtufin state set chain across-reboot "kept" >/dev/null
+printf 'def Process(event):\n    return {"type": "chain-answers", "data": event["data"]}\n' >"$WORK/root/echo.py"
+worker=$(in_ct virtufin workers create /root/echo.py --topic chain-jobs --start | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+check "a Python worker is running ($worker)" test -n "$worker"
 in_ct systemctl reboot 2>/dev/null || true
 wait "$NSPAWN" || true
 boot
 for u in $UNITS; do check "$u is active after the reboot" wait_active "$u"; done
 check "state written before the reboot is there" test "$(in_ct virtufin state get chain across-reboot | grep -o kept)" = kept
-conn_back() { in_ct virtufin ws list | grep "\"id\":\"$conn\"" | grep -q '"status":"connected"'; }
-check "the websocketmanager's connection came back" conn_back
+conn_back() {
+  in_ct virtufin ws list | grep "\"id\":\"$conn\"" | grep -q '"status":"connected"' &&
+    [ "$(in_ct virtufin ws send "$conn" still-there)" = still-there ]
+}
+check "the websocketmanager's connection came back (a correlated send answers)" conn_back
+worker_back() { in_ct virtufin workers list | grep "\"id\":\"$worker\"" | grep -q '"status":"running"'; }
+check "the workmanager's worker came back" worker_back
+in_ct sh -c 'virtufin subscribe chain-answers --count 1 >/tmp/answer.out 2>&1 & echo $! >/tmp/answer.pid'
+sleep 0.5
+in_ct virtufin publish chain-jobs after-reboot >/dev/null
+for _ in $(seq 100); do in_ct sh -c 'kill -0 $(cat /tmp/answer.pid) 2>/dev/null' || break; sleep 0.1; done
+check "... and answers events" in_ct grep -q after-reboot /tmp/answer.out
 
 say "security exposure (systemd-analyze security)"
 for u in $UNITS; do
@@ -169,11 +203,15 @@ for u in $UNITS; do
 done
 
 say "start-to-ready time and idle RSS"
-in_ct systemctl stop virtufin-websocketmanager virtufin-api
+in_ct systemctl stop virtufin-workmanager virtufin-websocketmanager virtufin-api
 t0=$(python3 -c 'import time; print(int(time.monotonic() * 1e6))')
-in_ct systemctl start virtufin-api virtufin-websocketmanager
-t1=$(prop virtufin-websocketmanager ActiveEnterTimestampMonotonic)
-echo "   systemctl start → all ready: $(( (t1 - t0) / 1000 )) ms (target ≤ 1000 ms)"
+in_ct systemctl start virtufin-api virtufin-websocketmanager virtufin-workmanager
+t1=0
+for u in $UNITS; do
+  t=$(prop "$u" ActiveEnterTimestampMonotonic)
+  [ "$t" -gt "$t1" ] && t1=$t
+done
+echo "   systemctl start → all three ready: $(( (t1 - t0) / 1000 )) ms (target ≤ 1000 ms; the workmanager recovers its running worker first)"
 sleep 2
 for u in $UNITS; do
   pid=$(prop "$u" MainPID)

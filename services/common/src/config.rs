@@ -110,6 +110,27 @@ pub fn one_line_error(cmd: &clap::Command, e: &clap::Error) -> String {
     }
 }
 
+/// This instance's id: `explicit` when set, else `HOSTNAME`, else the
+/// host name (gethostname(2): it works under systemd's `ProcSubset=pid`,
+/// which hides /proc/sys), else `<prefix>-<random>`. Stable across restarts
+/// on one host, which is what lets a restarted service take its own work
+/// back at once.
+pub fn instance_id(explicit: Option<&str>, prefix: &str) -> String {
+    if let Some(id) = explicit.filter(|s| !s.is_empty()) {
+        return id.to_owned();
+    }
+    if let Ok(h) = std::env::var("HOSTNAME")
+        && !h.is_empty()
+    {
+        return h;
+    }
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("{prefix}-{}", std::process::id()))
+}
+
 /// A clap value parser for `ASPNETCORE_URLS`-style lists.
 pub fn listen_urls_parser(s: &str) -> Result<Vec<SocketAddr>, String> {
     parse_listen_urls(s).map_err(|e| e.to_string())

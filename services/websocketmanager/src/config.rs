@@ -146,22 +146,9 @@ impl Config {
     }
 
     /// The instance id in effect.
+    /// The instance id in effect.
     pub fn instance(&self) -> String {
-        if let Some(id) = self.instance_id.as_ref().filter(|s| !s.is_empty()) {
-            return id.clone();
-        }
-        if let Ok(h) = std::env::var("HOSTNAME")
-            && !h.is_empty()
-        {
-            return h;
-        }
-        if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-            let h = h.trim();
-            if !h.is_empty() {
-                return h.to_owned();
-            }
-        }
-        format!("wsm-{}", uuid::Uuid::new_v4())
+        virtufin_common::config::instance_id(self.instance_id.as_deref(), "wsm")
     }
 
     pub fn check(&self) -> Result<(), String> {

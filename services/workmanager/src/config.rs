@@ -112,20 +112,9 @@ impl Config {
         format!("{}:{}", self.api_host, self.api_grpc_port)
     }
 
+    /// The instance id in effect.
     pub fn instance(&self) -> String {
-        if let Some(id) = self.instance_id.as_ref().filter(|s| !s.is_empty()) {
-            return id.clone();
-        }
-        if let Ok(h) = std::env::var("HOSTNAME")
-            && !h.is_empty()
-        {
-            return h;
-        }
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_owned())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| format!("wm-{}", uuid::Uuid::new_v4()))
+        virtufin_common::config::instance_id(self.instance_id.as_deref(), "wm")
     }
 
     /// The interpreter as an absolute path (workers run with an empty
