@@ -1,5 +1,7 @@
 //! Generated protobuf types and gRPC stubs of the Virtufin services.
 
+pub mod json;
+
 pub mod api {
     pub mod v1 {
         #![allow(clippy::all, missing_docs)]

@@ -172,23 +172,6 @@ pub fn build(
     Ok((id, bytes))
 }
 
-fn json_to_prost(v: Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.into_iter().map(json_to_prost).collect(),
-        }),
-        Value::Object(o) => Kind::StructValue(prost_types::Struct {
-            fields: o.into_iter().map(|(k, v)| (k, json_to_prost(v))).collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
 /// Turns a stored entry into what subscribers receive. Entries that are
 /// not CloudEvents (written by other producers) are passed on as raw data
 /// with the entry id as event id.
@@ -228,7 +211,7 @@ pub fn to_topic_event(
         fields: attrs
             .into_iter()
             .filter(|(k, _)| !CORE.contains(&k.as_str()))
-            .map(|(k, v)| (k, json_to_prost(v)))
+            .map(|(k, v)| (k, virtufin_proto::json::to_prost(v)))
             .collect(),
     };
     TopicEventRequest {

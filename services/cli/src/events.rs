@@ -1,24 +1,7 @@
 //! Renders received events for people: data as JSON when it is JSON.
 
-use prost_types::value::Kind;
 use serde_json::{Map, Value, json};
 use virtufin_api_client::pb::TopicEventRequest;
-
-fn prost_to_json(v: &prost_types::Value) -> Value {
-    match &v.kind {
-        Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::NumberValue(n)) => json!(n),
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        Some(Kind::StructValue(s)) => Value::Object(
-            s.fields
-                .iter()
-                .map(|(k, v)| (k.clone(), prost_to_json(v)))
-                .collect(),
-        ),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(prost_to_json).collect()),
-        Some(Kind::NullValue(_)) | None => Value::Null,
-    }
-}
 
 pub fn to_json(ev: &TopicEventRequest) -> Value {
     let data = serde_json::from_slice::<Value>(&ev.data).unwrap_or_else(|_| {
@@ -36,7 +19,7 @@ pub fn to_json(ev: &TopicEventRequest) -> Value {
         .map(|s| {
             s.fields
                 .iter()
-                .map(|(k, v)| (k.clone(), prost_to_json(v)))
+                .map(|(k, v)| (k.clone(), virtufin_proto::json::from_prost(v)))
                 .collect()
         })
         .unwrap_or_default();

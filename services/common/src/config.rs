@@ -131,9 +131,40 @@ pub fn instance_id(explicit: Option<&str>, prefix: &str) -> String {
         .unwrap_or_else(|| format!("{prefix}-{}", std::process::id()))
 }
 
-/// A clap value parser for `ASPNETCORE_URLS`-style lists.
-pub fn listen_urls_parser(s: &str) -> Result<Vec<SocketAddr>, String> {
-    parse_listen_urls(s).map_err(|e| e.to_string())
+/// `ASPNETCORE_URLS`-style listen addresses, as a clap value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenUrls(pub Vec<SocketAddr>);
+
+impl ListenUrls {
+    /// The addresses, each with its port replaced by `port` when given
+    /// (`--http-port`).
+    pub fn with_port(&self, port: Option<u16>) -> Vec<SocketAddr> {
+        self.0
+            .iter()
+            .map(|a| port.map_or(*a, |p| SocketAddr::new(a.ip(), p)))
+            .collect()
+    }
+}
+
+/// clap value parser for [`ListenUrls`].
+pub fn parse_urls(s: &str) -> Result<ListenUrls, String> {
+    parse_listen_urls(s)
+        .map(ListenUrls)
+        .map_err(|e| e.to_string())
+}
+
+/// clap value parser for durations such as `500ms`, `15s`, `2m`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 15s, 2m)"))
+}
+
+/// clap value parser for counts that must be at least 1.
+pub fn parse_positive(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 #[cfg(test)]

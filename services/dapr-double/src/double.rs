@@ -64,23 +64,6 @@ fn etag_of(e: Option<common_v1::Etag>) -> Option<String> {
     e.map(|e| e.value).filter(|v| !v.is_empty())
 }
 
-fn json_to_prost(v: Value) -> prost_types::Value {
-    use prost_types::value::Kind;
-    let kind = match v {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Value::String(s) => Kind::StringValue(s),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue {
-            values: a.into_iter().map(json_to_prost).collect(),
-        }),
-        Value::Object(o) => Kind::StructValue(prost_types::Struct {
-            fields: o.into_iter().map(|(k, v)| (k, json_to_prost(v))).collect(),
-        }),
-    };
-    prost_types::Value { kind: Some(kind) }
-}
-
 /// A stored CloudEvent (JSON) as daprd hands it to a subscriber.
 fn topic_event(topic: &str, raw: &[u8]) -> runtime_v1::TopicEventRequest {
     let mut ce: Map<String, Value> = match serde_json::from_slice(raw) {
@@ -123,7 +106,10 @@ fn topic_event(topic: &str, raw: &[u8]) -> runtime_v1::TopicEventRequest {
         pubsub_name: ps,
         path: String::new(),
         extensions: Some(prost_types::Struct {
-            fields: ce.into_iter().map(|(k, v)| (k, json_to_prost(v))).collect(),
+            fields: ce
+                .into_iter()
+                .map(|(k, v)| (k, virtufin_proto::json::to_prost(v)))
+                .collect(),
         }),
     }
 }

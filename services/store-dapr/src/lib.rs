@@ -415,7 +415,7 @@ fn envelope(ev: rt::TopicEventRequest) -> Vec<u8> {
     let mut m = Map::new();
     if let Some(ext) = ev.extensions {
         for (k, v) in ext.fields {
-            m.insert(k, prost_to_json(v));
+            m.insert(k, virtufin_proto::json::from_prost(&v));
         }
     }
     let ct = ev.data_content_type.clone();
@@ -451,23 +451,6 @@ fn envelope(ev: rt::TopicEventRequest) -> Vec<u8> {
         m.insert(k.into(), Value::String(v));
     }
     serde_json::to_vec(&Value::Object(m)).unwrap_or_default()
-}
-
-fn prost_to_json(v: prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match v.kind {
-        Some(Kind::StringValue(s)) => Value::String(s),
-        Some(Kind::NumberValue(n)) => serde_json::json!(n),
-        Some(Kind::BoolValue(b)) => Value::Bool(b),
-        Some(Kind::StructValue(s)) => Value::Object(
-            s.fields
-                .into_iter()
-                .map(|(k, v)| (k, prost_to_json(v)))
-                .collect(),
-        ),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.into_iter().map(prost_to_json).collect()),
-        Some(Kind::NullValue(_)) | None => Value::Null,
-    }
 }
 
 #[async_trait]

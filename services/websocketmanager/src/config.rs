@@ -7,29 +7,8 @@ use std::{
 };
 
 use clap::Parser;
-use virtufin_common::config::parse_listen_urls;
-
-/// `ASPNETCORE_URLS`-style listen addresses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenUrls(pub Vec<SocketAddr>);
-
-fn parse_urls(s: &str) -> Result<ListenUrls, String> {
-    parse_listen_urls(s)
-        .map(ListenUrls)
-        .map_err(|e| e.to_string())
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 15s, 2m)"))
-}
-
-fn parse_positive(s: &str) -> Result<usize, String> {
-    match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(n),
-        Err(e) => Err(e.to_string()),
-    }
-}
+pub use virtufin_common::config::ListenUrls;
+use virtufin_common::config::{parse_duration, parse_positive, parse_urls};
 
 /// virtufin-websocketmanager: outbound WebSocket connections on behalf of
 /// workers, with forwarding and lifecycle events through virtufin-api.
@@ -127,14 +106,7 @@ impl Config {
     }
 
     pub fn http_addrs(&self) -> Vec<SocketAddr> {
-        self.http_urls
-            .0
-            .iter()
-            .map(|a| match self.http_port {
-                Some(p) => SocketAddr::new(a.ip(), p),
-                None => *a,
-            })
-            .collect()
+        self.http_urls.with_port(self.http_port)
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {

@@ -7,22 +7,10 @@ use std::{
 };
 
 use clap::Parser;
-use virtufin_common::config::parse_listen_urls;
+pub use virtufin_common::config::ListenUrls;
+use virtufin_common::config::{parse_duration, parse_urls};
 
 use crate::engine::python::PythonOptions;
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ListenUrls(pub Vec<SocketAddr>);
-
-fn parse_urls(s: &str) -> Result<ListenUrls, String> {
-    parse_listen_urls(s)
-        .map(ListenUrls)
-        .map_err(|e| e.to_string())
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 15s, 2m)"))
-}
 
 /// The default blocked modules: process, network and native-code access.
 /// (The real boundary is the process and the systemd sandbox; this keeps
@@ -94,14 +82,7 @@ impl Config {
     }
 
     pub fn http_addrs(&self) -> Vec<SocketAddr> {
-        self.http_urls
-            .0
-            .iter()
-            .map(|a| match self.http_port {
-                Some(p) => SocketAddr::new(a.ip(), p),
-                None => *a,
-            })
-            .collect()
+        self.http_urls.with_port(self.http_port)
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {

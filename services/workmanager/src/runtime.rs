@@ -6,7 +6,7 @@
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use virtufin_api_client::pb::{
@@ -63,23 +63,6 @@ const CORE: &[&str] = &[
     "dataschema",
 ];
 
-fn prost_to_json(v: &prost_types::Value) -> Value {
-    use prost_types::value::Kind;
-    match &v.kind {
-        Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::NumberValue(n)) => json!(n),
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
-        Some(Kind::StructValue(s)) => Value::Object(
-            s.fields
-                .iter()
-                .map(|(k, v)| (k.clone(), prost_to_json(v)))
-                .collect(),
-        ),
-        Some(Kind::ListValue(l)) => Value::Array(l.values.iter().map(prost_to_json).collect()),
-        Some(Kind::NullValue(_)) | None => Value::Null,
-    }
-}
-
 /// The CloudEvent-shaped dict a worker's `Process(event)` receives, with
 /// the worker's config stamped on as extension attributes (an attribute
 /// the event already has wins).
@@ -87,7 +70,7 @@ pub fn event_dict(ev: &pb::TopicEventRequest, config: &HashMap<String, String>) 
     let mut m = Map::new();
     if let Some(ext) = &ev.extensions {
         for (k, v) in &ext.fields {
-            m.insert(k.clone(), prost_to_json(v));
+            m.insert(k.clone(), virtufin_proto::json::from_prost(v));
         }
     }
     for (k, v) in config {
