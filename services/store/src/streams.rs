@@ -121,7 +121,18 @@ impl<S: Streams> PubSub for StreamPubSub<S> {
             retries: DelayQueue::new(),
             cancel: feed.cancel.clone(),
         };
-        tokio::spawn(worker.run(reader, feed));
+        // A span per subscription, attached to the task (not entered
+        // across awaits).
+        let span = tracing::debug_span!(
+            "subscription",
+            topic = %worker.spec.topic,
+            group = %worker.spec.group,
+            subscriber = %worker.spec.subscriber
+        );
+        tokio::spawn(tracing::Instrument::instrument(
+            worker.run(reader, feed),
+            span,
+        ));
         Ok(subscription)
     }
 
@@ -146,13 +157,6 @@ struct Worker<S: Streams> {
 impl<S: Streams> Worker<S> {
     async fn run(mut self, reader: S::Reader, mut feed: crate::SubscriptionFeed) {
         let acks = &mut feed.acks;
-        let span = tracing::debug_span!(
-            "subscription",
-            topic = %self.spec.topic,
-            group = %self.spec.group,
-            subscriber = %self.spec.subscriber
-        );
-        let _e = span.enter();
         // A subscriber that comes back first gets what it left unsettled.
         match self
             .streams

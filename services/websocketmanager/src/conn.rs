@@ -190,8 +190,6 @@ pub async fn run(
     mut outgoing: mpsc::Receiver<Outgoing>,
     mut first: Option<oneshot::Sender<FirstAttempt>>,
 ) {
-    let span = tracing::info_span!("connection", id = %conn.id, url = %conn.url);
-    let _e = span.enter();
     let cfg = &shared.config;
     // Reconnect attempts in the current outage (0: not in an outage).
     let mut attempt: usize = 0;

@@ -183,7 +183,9 @@ impl Shared {
         self.conns().insert(rec.id.clone(), conn.clone());
         let (shared, c) = (self.clone(), conn.clone());
         self.tasks.spawn(async move {
-            conn::run(shared.clone(), c.clone(), rx, first).await;
+            let span = tracing::info_span!("connection", id = %c.id, url = %c.url);
+            tracing::Instrument::instrument(conn::run(shared.clone(), c.clone(), rx, first), span)
+                .await;
             // A given-up connection stays listed (from its record) until
             // Disconnect; the actor itself is gone.
             let mut conns = shared.conns();

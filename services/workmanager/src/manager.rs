@@ -398,9 +398,6 @@ impl Shared {
 
     pub async fn start(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
         let (mut rec, _) = self.load(id).await?;
-        if self.running.lock().await.contains_key(id) {
-            return Ok(());
-        }
         let code = self.code(id, rec.history.len().saturating_sub(1)).await?;
         let spec = WorkerSpec {
             id: id.to_owned(),
@@ -409,10 +406,15 @@ impl Shared {
             config: rec.config.clone().into_iter().collect(),
             code,
         };
-        self.running
-            .lock()
-            .await
-            .insert(id.to_owned(), Running::start(self.clone(), spec));
+        {
+            // Check and insert under one lock: two concurrent starts must
+            // not both spawn a runtime.
+            let mut running = self.running.lock().await;
+            if running.contains_key(id) {
+                return Ok(());
+            }
+            running.insert(id.to_owned(), Running::start(self.clone(), spec));
+        }
         rec.status = "running".into();
         rec.instance_id = self.instance.clone();
         self.save(&rec).await?;

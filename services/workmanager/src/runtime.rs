@@ -39,7 +39,11 @@ pub struct Running {
 impl Running {
     pub fn start(shared: Arc<Shared>, spec: WorkerSpec) -> Self {
         let cancel = shared.shutdown.child_token();
-        let task = tokio::spawn(run(shared, spec, cancel.clone()));
+        let span = tracing::info_span!("worker", id = %spec.id, topic = %spec.topic);
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            run(shared, spec, cancel.clone()),
+            span,
+        ));
         Self { cancel, task }
     }
 
@@ -189,8 +193,6 @@ fn ack(id: &str, status: EventStatus) -> SubscribeTopicEventsRequest {
 }
 
 async fn run(shared: Arc<Shared>, spec: WorkerSpec, cancel: CancellationToken) {
-    let span = tracing::info_span!("worker", id = %spec.id, topic = %spec.topic);
-    let _e = span.enter();
     let dir = shared.config.state_dir.join("workers").join(&spec.id);
     let mut engine: Option<PythonEngine> = None;
     let mut attempts: HashMap<String, u32> = HashMap::new();
