@@ -496,6 +496,9 @@ impl Shared {
                 continue;
             }
             let from = std::mem::replace(&mut rec.instance_id, self.instance.clone());
+            // The record must not claim a live connection before this
+            // instance has one.
+            rec.status = Status::Connecting.as_str().to_owned();
             let Ok(json) = serde_json::to_string(&rec) else {
                 continue;
             };

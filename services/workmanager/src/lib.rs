@@ -15,6 +15,7 @@ use virtufin_proto::workmanager::v1::work_manager_server::WorkManagerServer;
 pub mod config;
 pub mod engine;
 mod grpc;
+mod http;
 pub mod manager;
 pub mod runtime;
 
@@ -77,7 +78,7 @@ pub async fn run(
     let servers = serve::start(
         grpc,
         listeners.grpc,
-        health.router(),
+        http::router(shared.clone(), &health),
         listeners.http,
         &shutdown,
     );

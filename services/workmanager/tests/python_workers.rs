@@ -557,3 +557,100 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     w.stop().await;
     s.api_stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_routes_mirror_the_rpcs() {
+    let s = stack().await;
+    let mut answers = subscribe(&s.api, "answers").await;
+    let w = wm(&s, |_| {}).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}/v1/workers", w.http);
+    let r = http
+        .post(&base)
+        .body(serde_json::json!({"code": ECHO, "mime_type": "text/x-python", "topic": "rest-jobs", "tags": {"team": "fx"}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        http.post(format!("{base}/{id}/start"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    publish(&s.api, "rest-jobs", "via-rest", &[]).await;
+    let a = next(&mut answers).await;
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&a.data).unwrap()["got"],
+        "via-rest"
+    );
+    let one: serde_json::Value = http
+        .get(format!("{base}/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (one["status"].as_str(), one["tags"]["team"].as_str()),
+        (Some("running"), Some("fx"))
+    );
+    let r = http
+        .put(format!("{base}/{id}/tags/env"))
+        .body(r#"{"value":"prod"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let t: serde_json::Value = http
+        .get(format!("{base}/{id}/tags/env"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(t["value"], "prod");
+    // Bad input: malformed JSON, ambiguous code, unknown worker.
+    assert_eq!(
+        http.post(&base).body("{").send().await.unwrap().status(),
+        400
+    );
+    let both = serde_json::json!({"code": "x", "code_base64": "eA==", "mime_type": "text/x-python", "topic": "t"});
+    assert_eq!(
+        http.post(&base)
+            .body(both.to_string())
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        400
+    );
+    assert_eq!(
+        http.get(format!("{base}/nope"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        http.delete(format!("{base}/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let list: serde_json::Value = http.get(&base).send().await.unwrap().json().await.unwrap();
+    assert_eq!(list["workers"].as_array().unwrap().len(), 0);
+    w.stop().await;
+    s.api_stop.cancel();
+}
