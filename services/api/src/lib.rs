@@ -22,7 +22,7 @@ mod grpc_health;
 mod http;
 pub mod pubsub;
 pub mod state;
-pub mod validate;
+pub use virtufin_common::validate;
 
 pub use config::{BackendKind, Config};
 use error::ApiError;

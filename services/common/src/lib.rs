@@ -10,6 +10,7 @@ pub mod logging;
 pub mod notify;
 pub mod serve;
 pub mod shutdown;
+pub mod validate;
 
 pub use error::ApiError;
 pub use health::{Check, Health};

@@ -317,9 +317,7 @@ impl Shared {
     }
 
     pub async fn start_publish(&self, id: &str, topic: &str) -> Result<(), ApiError> {
-        if topic.is_empty() {
-            return Err(ApiError::invalid("topic is required"));
-        }
+        virtufin_common::validate::topic(topic)?;
         let conn = self.owned(id).await?;
         conn.set_topic(Some(topic.to_owned()));
         self.persist(&conn).await;

@@ -288,6 +288,18 @@ async fn bad_requests_get_the_contracted_errors() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = c
+        .start_publish(ws::StartPublishRequest {
+            id: id.clone(),
+            topic: "not a topic".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::InvalidArgument,
+        "the api's topic rules apply here too"
+    );
+    let err = c
         .send(ws::SendRequest {
             id: id.clone(),
             message: "x".into(),

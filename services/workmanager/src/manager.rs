@@ -362,8 +362,9 @@ impl Shared {
         } = w;
         let (mime, topic, group) = (mime_type.as_str(), topic.as_str(), group.as_str());
         let kind = self.check_engine(mime)?;
-        if topic.is_empty() {
-            return Err(ApiError::invalid("topic is required"));
+        virtufin_common::validate::topic(topic)?;
+        if !group.is_empty() {
+            virtufin_common::validate::member("group", group)?;
         }
         Self::check_tags(tags.iter())?;
         let code = self.check_code(kind, &content, &url, &sha256)?;

@@ -462,6 +462,13 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             .code(),
         Code::InvalidArgument
     );
+    let e = w
+        .client
+        .create_worker(create(ECHO, "bad topic", &[]))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("invalid topic"), "{}", e.message());
     let mut sha = create(ECHO, "t", &[]);
     sha.code_source.as_mut().unwrap().sha256 = "00".repeat(32);
     assert_eq!(

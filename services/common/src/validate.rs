@@ -1,5 +1,6 @@
-//! Input rules. Every RPC and REST route checks its input here before it
-//! touches the backend, so bad input changes nothing.
+//! Input rules shared by every service (names, keys, topics, sizes), so a
+//! topic the api would refuse is refused as early by the others. Every RPC
+//! and REST route checks its input here before it touches anything.
 
 use crate::error::ApiError;
 
