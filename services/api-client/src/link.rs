@@ -11,6 +11,48 @@ use virtufin_common::{Check, Health};
 
 use crate::ApiClient;
 
+/// Where the api is and how the link watches it: the settings every
+/// downstream service shares (the seed's environment names).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LinkArgs {
+    /// The api's host.
+    #[arg(long, env = "VIRTUFIN_API_HOST", default_value = "127.0.0.1")]
+    pub api_host: String,
+    /// The api's gRPC port.
+    #[arg(long, env = "VIRTUFIN_API_GRPC_PORT", default_value_t = 5002)]
+    pub api_grpc_port: u16,
+    /// How long the api may stay unreachable before this service reports
+    /// itself not live (and its watchdog stops).
+    #[arg(long, env = "VIRTUFIN_API_GRACE", default_value = "30s", value_parser = virtufin_common::config::parse_duration)]
+    pub api_grace: Duration,
+    /// How often the api handshake is repeated.
+    #[arg(long, env = "VIRTUFIN_PROBE_INTERVAL", default_value = "2s", value_parser = virtufin_common::config::parse_duration)]
+    pub probe_interval: Duration,
+}
+
+impl LinkArgs {
+    pub fn addr(&self) -> String {
+        format!("{}:{}", self.api_host, self.api_grpc_port)
+    }
+
+    pub fn options(&self) -> LinkOptions {
+        LinkOptions {
+            interval: self.probe_interval,
+            timeout: Duration::from_secs(2),
+            grace: self.api_grace,
+        }
+    }
+
+    /// A client for the configured api, or why the address is unusable.
+    pub fn client(&self) -> Result<ApiClient, String> {
+        if self.api_host.is_empty() {
+            return Err("VIRTUFIN_API_HOST must not be empty".into());
+        }
+        ApiClient::lazy(&self.addr())
+            .map_err(|e| format!("invalid VIRTUFIN_API_HOST/VIRTUFIN_API_GRPC_PORT: {e}"))
+    }
+}
+
 /// How the link probes the api.
 #[derive(Debug, Clone)]
 pub struct LinkOptions {

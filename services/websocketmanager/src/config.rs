@@ -15,6 +15,9 @@ use virtufin_common::config::{parse_duration, parse_positive, parse_urls};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "virtufin-websocketmanager", version, about, long_about = None)]
 pub struct Config {
+    #[command(flatten)]
+    pub link: virtufin_api_client::link::LinkArgs,
+
     /// HTTP listen URLs (health and REST), `;`-separated.
     #[arg(long = "urls", env = "ASPNETCORE_URLS", default_value = "http://127.0.0.1:5201", value_parser = parse_urls)]
     pub http_urls: ListenUrls,
@@ -30,14 +33,6 @@ pub struct Config {
     /// gRPC listen address.
     #[arg(long, env = "VIRTUFIN_GRPC_HOST", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub grpc_host: IpAddr,
-
-    /// The api's host.
-    #[arg(long, env = "VIRTUFIN_API_HOST", default_value = "127.0.0.1")]
-    pub api_host: String,
-
-    /// The api's gRPC port.
-    #[arg(long, env = "VIRTUFIN_API_GRPC_PORT", default_value_t = 5002)]
-    pub api_grpc_port: u16,
 
     /// This instance's id (owner of its connections). Default: HOSTNAME,
     /// else the machine's host name — stable across restarts, so a
@@ -73,15 +68,6 @@ pub struct Config {
     #[arg(long, env = "VIRTUFIN_WS_MAX_CONNECTIONS", default_value = "1000", value_parser = parse_positive)]
     pub max_connections: usize,
 
-    /// How long the api may stay unreachable before this service reports
-    /// itself not live (and its watchdog stops).
-    #[arg(long, env = "VIRTUFIN_API_GRACE", default_value = "30s", value_parser = parse_duration)]
-    pub api_grace: Duration,
-
-    /// How often the api handshake is repeated.
-    #[arg(long, env = "VIRTUFIN_PROBE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
-    pub probe_interval: Duration,
-
     /// How often this instance records that it is alive.
     #[arg(long, env = "VIRTUFIN_WS_HEARTBEAT_INTERVAL", default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
@@ -113,10 +99,6 @@ impl Config {
         SocketAddr::new(self.grpc_host, self.grpc_port)
     }
 
-    pub fn api_addr(&self) -> String {
-        format!("{}:{}", self.api_host, self.api_grpc_port)
-    }
-
     /// The instance id in effect.
     /// The instance id in effect.
     pub fn instance(&self) -> String {
@@ -127,11 +109,6 @@ impl Config {
         if self.reconnect_max_delay < self.reconnect_base_delay {
             return Err("VIRTUFIN_WS_RECONNECT_MAX_DELAY must not be below VIRTUFIN_WS_RECONNECT_BASE_DELAY".into());
         }
-        if self.api_host.is_empty() {
-            return Err("VIRTUFIN_API_HOST must not be empty".into());
-        }
-        virtufin_api_client::ApiClient::lazy(&self.api_addr())
-            .map(|_| ())
-            .map_err(|e| format!("invalid VIRTUFIN_API_HOST/VIRTUFIN_API_GRPC_PORT: {e}"))
+        self.link.client().map(|_| ())
     }
 }

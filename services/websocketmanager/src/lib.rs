@@ -8,7 +8,7 @@
 use std::{sync::Arc, time::Duration};
 
 use tokio_util::sync::CancellationToken;
-use virtufin_api_client::{ApiClient, link};
+use virtufin_api_client::link;
 use virtufin_common::{Health, Notifier, serve};
 use virtufin_proto::websocketmanager::v1::web_socket_manager_server::WebSocketManagerServer;
 
@@ -54,7 +54,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.check().map_err(RunError::Config)?;
-    let api = ApiClient::lazy(&config.api_addr()).map_err(|e| RunError::Config(e.to_string()))?;
+    let api = config.link.client().map_err(RunError::Config)?;
     let health = Health::new();
     let api_check = health.register("api", &format!("handshake with the api at {}", api.addr()));
     let state_check = health.register("state", "waiting for the api");
@@ -103,11 +103,7 @@ pub async fn run(
             health.clone(),
             shared.clone(),
         );
-        let options = link::LinkOptions {
-            interval: config.probe_interval,
-            timeout: Duration::from_secs(2),
-            grace: config.api_grace,
-        };
+        let options = config.link.options();
         tasks.spawn(link::maintain(
             api,
             check,

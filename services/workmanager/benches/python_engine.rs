@@ -93,7 +93,7 @@ async fn main() {
     let mut w = virtufin_workmanager::Config::defaults();
     w.http_urls = virtufin_workmanager::config::ListenUrls(vec!["127.0.0.1:0".parse().unwrap()]);
     w.grpc_port = 0;
-    w.api_grpc_port = api_addr.port();
+    w.link.api_grpc_port = api_addr.port();
     w.state_dir = dir.path().join("wm");
     w.instance_id = Some("bench".into());
     let l = virtufin_workmanager::bind(&w).await.unwrap();

@@ -21,6 +21,9 @@ pub const DEFAULT_BLOCKED: &str = "subprocess,socket,_socket,ctypes,_ctypes,mult
 #[derive(Debug, Clone, Parser)]
 #[command(name = "virtufin-workmanager", version, about, long_about = None)]
 pub struct Config {
+    #[command(flatten)]
+    pub link: virtufin_api_client::link::LinkArgs,
+
     #[arg(long = "urls", env = "ASPNETCORE_URLS", default_value = "http://127.0.0.1:5101", value_parser = parse_urls)]
     pub http_urls: ListenUrls,
     #[arg(long, env = "VIRTUFIN_HTTP_PORT")]
@@ -29,10 +32,6 @@ pub struct Config {
     pub grpc_port: u16,
     #[arg(long, env = "VIRTUFIN_GRPC_HOST", default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     pub grpc_host: IpAddr,
-    #[arg(long, env = "VIRTUFIN_API_HOST", default_value = "127.0.0.1")]
-    pub api_host: String,
-    #[arg(long, env = "VIRTUFIN_API_GRPC_PORT", default_value_t = 5002)]
-    pub api_grpc_port: u16,
     /// This instance's id. Default: HOSTNAME, else the host name.
     #[arg(long, env = "VIRTUFIN_INSTANCE_ID")]
     pub instance_id: Option<String>,
@@ -68,10 +67,6 @@ pub struct Config {
     /// Lifetime of the recovery lease.
     #[arg(long, env = "VIRTUFIN_WM_RECOVERY_LEASE", default_value = "300s", value_parser = parse_duration)]
     pub recovery_lease: Duration,
-    #[arg(long, env = "VIRTUFIN_API_GRACE", default_value = "30s", value_parser = parse_duration)]
-    pub api_grace: Duration,
-    #[arg(long, env = "VIRTUFIN_PROBE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
-    pub probe_interval: Duration,
     #[arg(long, env = "VIRTUFIN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
 }
@@ -87,10 +82,6 @@ impl Config {
 
     pub fn grpc_addr(&self) -> SocketAddr {
         SocketAddr::new(self.grpc_host, self.grpc_port)
-    }
-
-    pub fn api_addr(&self) -> String {
-        format!("{}:{}", self.api_host, self.api_grpc_port)
     }
 
     /// The instance id in effect.
@@ -133,8 +124,6 @@ impl Config {
         if self.max_attempts == 0 {
             return Err("VIRTUFIN_WM_MAX_ATTEMPTS must be at least 1".into());
         }
-        virtufin_api_client::ApiClient::lazy(&self.api_addr())
-            .map(|_| ())
-            .map_err(|e| format!("invalid VIRTUFIN_API_HOST/VIRTUFIN_API_GRPC_PORT: {e}"))
+        self.link.client().map(|_| ())
     }
 }

@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use virtufin_api_client::{ApiClient, link, publisher::Publisher};
+use virtufin_api_client::{link, publisher::Publisher};
 use virtufin_common::{Health, Notifier, serve};
 use virtufin_proto::workmanager::v1::work_manager_server::WorkManagerServer;
 
@@ -52,7 +52,7 @@ pub async fn run(
     std::fs::create_dir_all(&config.state_dir).map_err(|e| {
         RunError::Config(format!("cannot create {}: {e}", config.state_dir.display()))
     })?;
-    let api = ApiClient::lazy(&config.api_addr()).map_err(|e| RunError::Config(e.to_string()))?;
+    let api = config.link.client().map_err(RunError::Config)?;
     let health = Health::new();
     let api_check = health.register("api", &format!("handshake with the api at {}", api.addr()));
     let recovery_check = health.register("recovery", "waiting for the api");
@@ -83,11 +83,7 @@ pub async fn run(
         &shutdown,
     );
 
-    let options = link::LinkOptions {
-        interval: config.probe_interval,
-        timeout: Duration::from_secs(2),
-        grace: config.api_grace,
-    };
+    let options = config.link.options();
     tasks.spawn(link::maintain(
         api.clone(),
         api_check.clone(),

@@ -59,10 +59,10 @@ async fn wm(s: &Stack, tweak: impl FnOnce(&mut virtufin_workmanager::Config)) ->
     let mut c = virtufin_workmanager::Config::defaults();
     c.http_urls = virtufin_workmanager::config::ListenUrls(vec!["127.0.0.1:0".parse().unwrap()]);
     c.grpc_port = 0;
-    c.api_grpc_port = s.api_addr.port();
+    c.link.api_grpc_port = s.api_addr.port();
     c.instance_id = Some("wm-test".into());
     c.state_dir = s.state.path().to_path_buf();
-    c.probe_interval = Duration::from_millis(100);
+    c.link.probe_interval = Duration::from_millis(100);
     c.event_timeout = Duration::from_secs(5);
     c.drain_timeout = Duration::from_secs(2);
     tweak(&mut c);

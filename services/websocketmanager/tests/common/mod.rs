@@ -86,14 +86,14 @@ pub fn wsm_config(api: SocketAddr, instance: &str) -> virtufin_websocketmanager:
     c.http_port = None;
     c.grpc_port = 0;
     c.grpc_host = "127.0.0.1".parse().unwrap();
-    c.api_host = api.ip().to_string();
-    c.api_grpc_port = api.port();
+    c.link.api_host = api.ip().to_string();
+    c.link.api_grpc_port = api.port();
     c.instance_id = Some(instance.to_owned());
     c.reconnect_base_delay = Duration::from_millis(50);
     c.reconnect_max_delay = Duration::from_millis(400);
     c.reconnect_max_attempts = 3;
     c.connect_timeout = Duration::from_secs(3);
-    c.probe_interval = Duration::from_millis(100);
+    c.link.probe_interval = Duration::from_millis(100);
     c.heartbeat_interval = Duration::from_millis(200);
     c.drain_timeout = Duration::from_secs(2);
     c
