@@ -14,6 +14,7 @@ const SETS: &[(&str, &[&str])] = &[
             "virtufin/api/v1/health.proto",
             "virtufin/api/v1/state.proto",
             "virtufin/api/v1/pubsub.proto",
+            "virtufin/api/v1/gateway.proto",
         ],
     ),
     (

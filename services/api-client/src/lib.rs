@@ -1,17 +1,42 @@
-//! A client of virtufin-api: typed State and Pubsub calls over one
-//! channel, and the readiness handshake (`Health/HealthCheck`) that the
-//! other services perform before they report ready.
+//! A client of virtufin-api: typed State, Pubsub and Gateway calls over one
+//! channel, the readiness handshake (`Health/HealthCheck`) that the other
+//! services perform before they report ready, and the API key they present
+//! when one is configured.
 
 pub mod link;
 pub mod publisher;
 
 use std::{collections::HashMap, time::Duration};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    metadata::AsciiMetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Channel, Endpoint},
+};
 pub use virtufin_proto::api::v1 as pb;
 use virtufin_proto::api::v1::{
-    health_client::HealthClient, pubsub_client::PubsubClient, state_client::StateClient,
+    gateway_client::GatewayClient, health_client::HealthClient, pubsub_client::PubsubClient,
+    state_client::StateClient,
 };
+
+/// The metadata key (and HTTP header) that carries an API key.
+pub const API_KEY_HEADER: &str = "x-api-key";
+
+/// Adds this client's API key, when it has one, to every call.
+#[derive(Debug, Clone, Default)]
+pub struct KeyInjector(Option<AsciiMetadataValue>);
+
+impl Interceptor for KeyInjector {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(key) = &self.0 {
+            req.metadata_mut().insert(API_KEY_HEADER, key.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// The channel every typed client of this crate runs over.
+pub type Transport = InterceptedService<Channel, KeyInjector>;
 
 /// Largest message this client sends or accepts (matches the api's).
 pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
@@ -23,6 +48,8 @@ pub enum ClientError {
     Address { addr: String, reason: String },
     #[error("cannot reach the api at {addr}: {reason}")]
     Connect { addr: String, reason: String },
+    #[error("the API key is not usable: it must be visible ASCII without spaces")]
+    Key,
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
 }
@@ -32,6 +59,7 @@ pub enum ClientError {
 pub struct ApiClient {
     addr: String,
     channel: Channel,
+    key: KeyInjector,
 }
 
 /// Accepts `host:port` or a full `http://host:port` URL.
@@ -61,6 +89,7 @@ impl ApiClient {
         Ok(Self {
             addr: url,
             channel: endpoint.connect_lazy(),
+            key: KeyInjector::default(),
         })
     }
 
@@ -83,27 +112,69 @@ impl ApiClient {
         Ok(Self {
             addr: c.addr,
             channel,
+            key: KeyInjector::default(),
         })
+    }
+
+    /// Presents `key` (`x-api-key`) on every call; `None` or "" = no key.
+    pub fn with_key(mut self, key: Option<&str>) -> Result<Self, ClientError> {
+        self.key = match key.map(str::trim).filter(|k| !k.is_empty()) {
+            None => KeyInjector(None),
+            Some(k) => KeyInjector(Some(k.parse().map_err(|_| ClientError::Key)?)),
+        };
+        Ok(self)
     }
 
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
-    pub fn health(&self) -> HealthClient<Channel> {
-        HealthClient::new(self.channel.clone())
+    fn transport(&self) -> Transport {
+        InterceptedService::new(self.channel.clone(), self.key.clone())
     }
 
-    pub fn state(&self) -> StateClient<Channel> {
-        StateClient::new(self.channel.clone())
+    pub fn health(&self) -> HealthClient<Transport> {
+        HealthClient::new(self.transport())
+    }
+
+    pub fn state(&self) -> StateClient<Transport> {
+        StateClient::new(self.transport())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
-    pub fn pubsub(&self) -> PubsubClient<Channel> {
-        PubsubClient::new(self.channel.clone())
+    pub fn pubsub(&self) -> PubsubClient<Transport> {
+        PubsubClient::new(self.transport())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    pub fn gateway(&self) -> GatewayClient<Transport> {
+        GatewayClient::new(self.transport())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Calls `method` of the configured backend `service` through the api's
+    /// Gateway with a protobuf-JSON request; returns the JSON response. The
+    /// backend's own errors come back as the call's gRPC status.
+    pub async fn invoke(
+        &self,
+        service: &str,
+        method: &str,
+        request_json: &str,
+    ) -> Result<String, ClientError> {
+        Ok(self
+            .gateway()
+            .invoke_json(pb::InvokeJsonRequest {
+                service: service.into(),
+                method: method.into(),
+                request_data: request_json.into(),
+                timeout_ms: 0,
+            })
+            .await?
+            .into_inner()
+            .response_data)
     }
 
     /// The readiness handshake: OK only when the api reports itself ready.

@@ -28,6 +28,16 @@ pub struct LinkArgs {
     /// How often the api handshake is repeated.
     #[arg(long, env = "VIRTUFIN_PROBE_INTERVAL", default_value = "2s", value_parser = virtufin_common::config::parse_duration)]
     pub probe_interval: Duration,
+    /// The API key this service presents to the api (`x-api-key`), when the
+    /// api requires one. Prefer VIRTUFIN_API_KEY_FILE: a key in the
+    /// environment shows in the process's environment.
+    #[arg(long, env = "VIRTUFIN_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// A file holding the API key (e.g. a systemd credential:
+    /// `LoadCredential=api-key:/etc/virtufin/keys/...` and
+    /// `VIRTUFIN_API_KEY_FILE=%d/api-key`).
+    #[arg(long, env = "VIRTUFIN_API_KEY_FILE", conflicts_with = "api_key")]
+    pub api_key_file: Option<std::path::PathBuf>,
 }
 
 impl LinkArgs {
@@ -43,13 +53,22 @@ impl LinkArgs {
         }
     }
 
-    /// A client for the configured api, or why the address is unusable.
+    /// A client for the configured api (presenting the configured key), or
+    /// why the settings are unusable.
     pub fn client(&self) -> Result<ApiClient, String> {
         if self.api_host.is_empty() {
             return Err("VIRTUFIN_API_HOST must not be empty".into());
         }
+        let key = match &self.api_key_file {
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                format!("VIRTUFIN_API_KEY_FILE: cannot read {}: {e}", path.display())
+            })?),
+            None => self.api_key.clone(),
+        };
         ApiClient::lazy(&self.addr())
-            .map_err(|e| format!("invalid VIRTUFIN_API_HOST/VIRTUFIN_API_GRPC_PORT: {e}"))
+            .map_err(|e| format!("invalid VIRTUFIN_API_HOST/VIRTUFIN_API_GRPC_PORT: {e}"))?
+            .with_key(key.as_deref())
+            .map_err(|e| format!("VIRTUFIN_API_KEY(_FILE): {e}"))
     }
 }
 
