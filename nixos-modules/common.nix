@@ -1,0 +1,232 @@
+# Options of services.virtufin (all three services, the backend, Valkey and
+# the Dapr sidecar). The service modules (api.nix, websocketmanager.nix,
+# workmanager.nix) import this file and implement their part.
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}: let
+  inherit (lib) mkOption types literalExpression;
+  cfg = config.services.virtufin;
+  settingsFormat = pkgs.formats.keyValue {};
+
+  serviceOptions = {
+    name,
+    description,
+    httpPort,
+    grpcPort,
+    settingsExample,
+  }: {
+    enable = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Whether to run ${description} when
+        {option}`services.virtufin.enable` is set.
+      '';
+    };
+
+    listenAddress = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      example = "0.0.0.0";
+      description = ''
+        Address of the HTTP (health, REST) and gRPC listeners
+        (`ASPNETCORE_URLS`, `VIRTUFIN_GRPC_HOST`).
+      '';
+    };
+
+    httpPort = mkOption {
+      type = types.port;
+      default = httpPort;
+      description = "HTTP port of ${name} (health and REST).";
+    };
+
+    grpcPort = mkOption {
+      type = types.port;
+      default = grpcPort;
+      description = "gRPC (h2c) port of ${name} (`VIRTUFIN_GRPC_PORT`).";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = "Whether to open the HTTP and gRPC ports of ${name} in the firewall.";
+    };
+
+    settings = mkOption {
+      type = settingsFormat.type;
+      default = {};
+      example = settingsExample;
+      description = ''
+        Environment of ${name} (RFC 42 freeform settings): each attribute is
+        one variable that `${name} --help` lists (flags win over them).
+        The module sets the listen addresses, ports and backend from the
+        other options with `mkDefault`; anything set here wins. `null`
+        unsets a variable. Secrets do not belong here (this ends up in the
+        Nix store): use {option}`environmentFile`.
+      '';
+    };
+
+    environmentFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/${name}.env";
+      description = ''
+        A file of `NAME=value` lines read by systemd when ${name} starts
+        (`EnvironmentFile=`), for secrets kept out of the Nix store. Give it
+        as a string: a Nix path literal would be copied into the store.
+        Its variables win over {option}`settings`.
+      '';
+    };
+  };
+in {
+  options.services.virtufin = {
+    enable = lib.mkEnableOption "the Virtufin services (virtufin-api, virtufin-websocketmanager, virtufin-workmanager)";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.virtufin;
+      defaultText = literalExpression "pkgs.virtufin";
+      description = ''
+        The virtufin package: the three service binaries, the `virtufin`
+        CLI and the systemd units (`lib/systemd/system`). The flake's
+        modules default it to the flake's own package.
+      '';
+    };
+
+    backend = mkOption {
+      type = types.enum [
+        "valkey"
+        "dapr"
+      ];
+      default = "valkey";
+      description = ''
+        Where the api keeps state and events. `valkey`: directly in the
+        local Valkey (`services.redis.servers.virtufin`). `dapr`: through a
+        Dapr sidecar (`virtufin-daprd.service`, app-id `virtufin-api`)
+        whose `statestore` (state.redis) and `pubsub` (pubsub.redis)
+        components use that same Valkey. The layout in Valkey is the same
+        either way, so switching needs no migration.
+      '';
+    };
+
+    valkey = {
+      port = mkOption {
+        type = types.port;
+        default = 6379;
+        description = "TCP port of the local Valkey (bound to 127.0.0.1).";
+      };
+
+      passwordFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = "/run/secrets/valkey-password";
+        description = ''
+          File holding Valkey's password (`requirepass`, through
+          {option}`services.redis.servers.virtufin.requirePassFile`).
+          The api reads no password file itself: with the `valkey` backend
+          put `VIRTUFIN_VALKEY_URL=redis://:PASSWORD@127.0.0.1:PORT` in
+          {option}`services.virtufin.api.environmentFile`; with the `dapr`
+          backend put `{"valkey-password": "PASSWORD"}` in
+          {option}`services.virtufin.dapr.secretsFile`.
+        '';
+      };
+    };
+
+    dapr = {
+      package = mkOption {
+        type = types.package;
+        default = pkgs.daprd;
+        defaultText = literalExpression "pkgs.daprd";
+        description = "The daprd package (the flake builds it; nixpkgs has none).";
+      };
+
+      httpPort = mkOption {
+        type = types.port;
+        default = 3500;
+        description = "daprd's HTTP port (`DAPR_HTTP_PORT`; `/v1.0/healthz`).";
+      };
+
+      grpcPort = mkOption {
+        type = types.port;
+        default = 50001;
+        description = "daprd's gRPC port (`DAPR_GRPC_PORT`).";
+      };
+
+      secretsFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = "/run/secrets/virtufin-dapr.json";
+        description = ''
+          JSON file of secrets for daprd's local secret store
+          (`secretstores.local.file`, component `virtufin-secrets`), handed
+          to daprd with `LoadCredential=`, never copied into the store. Key
+          `valkey-password` is used when {option}`services.virtufin.valkey.passwordFile`
+          is set. Without it the secret store is empty.
+        '';
+      };
+
+      extraArgs = mkOption {
+        type = types.listOf types.str;
+        default = [];
+        example = ["--log-level" "debug"];
+        description = "Extra command-line arguments of daprd.";
+      };
+    };
+
+    api = serviceOptions {
+      name = "virtufin-api";
+      description = "virtufin-api (state and pub/sub over gRPC)";
+      httpPort = 5001;
+      grpcPort = 5002;
+      settingsExample = {
+        RUST_LOG = "info,virtufin_api=debug";
+        VIRTUFIN_STREAM_MAXLEN = 200000;
+        VIRTUFIN_PROCESSING_TIMEOUT = "120s";
+      };
+    };
+
+    websocketmanager = serviceOptions {
+      name = "virtufin-websocketmanager";
+      description = "virtufin-websocketmanager (outbound WebSocket connections)";
+      httpPort = 5201;
+      grpcPort = 5202;
+      settingsExample = {
+        VIRTUFIN_WS_MAX_CONNECTIONS = 5000;
+        VIRTUFIN_WS_HEARTBEAT_INTERVAL = "5s";
+      };
+    };
+
+    workmanager =
+      serviceOptions {
+        name = "virtufin-workmanager";
+        description = "virtufin-workmanager (user workers on event topics)";
+        httpPort = 5101;
+        grpcPort = 5102;
+        settingsExample = {
+          VIRTUFIN_WM_MEMORY_LIMIT_MB = 1024;
+          VIRTUFIN_WM_EVENT_TIMEOUT = "60s";
+        };
+      }
+      // {
+        python = mkOption {
+          type = types.package;
+          default = pkgs.python3;
+          defaultText = literalExpression "pkgs.python3";
+          example = literalExpression "pkgs.python3.withPackages (ps: [ ps.numpy ])";
+          description = ''
+            The Python that runs Python workers (`VIRTUFIN_WM_PYTHON` is set
+            to its `bin/python3`); add the modules workers may import with
+            `python3.withPackages`.
+          '';
+        };
+      };
+  };
+
+  config = lib.mkIf cfg.enable {
+    # The CLI (`virtufin smoke`, `virtufin state …`, `virtufin ws …`).
+    environment.systemPackages = [cfg.package];
+  };
+}
