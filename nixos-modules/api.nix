@@ -105,6 +105,8 @@
       "grpc"
       "--dapr-listen-addresses"
       "127.0.0.1"
+      "--dapr-internal-grpc-listen-address"
+      "127.0.0.1"
       "--dapr-http-port"
       (toString dapr.httpPort)
       "--dapr-grpc-port"
@@ -239,9 +241,11 @@ in {
           KeyringMode = "private";
           DevicePolicy = "closed";
           SystemCallArchitectures = "native";
+          # As the units, but @resources stays allowed: the Go runtime
+          # raises its RLIMIT_NOFILE with setrlimit at start.
           SystemCallFilter = [
             "@system-service"
-            "~@privileged @resources"
+            "~@privileged"
           ];
           SystemCallErrorNumber = "EPERM";
         };
