@@ -38,8 +38,6 @@ buildGoModule rec {
   # secretstores.local.file (cmd/daprd/components/*.go build tags).
   tags = ["stablecomponents"];
 
-  env.CGO_ENABLED = 0;
-
   ldflags = [
     "-s"
     "-w"

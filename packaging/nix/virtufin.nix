@@ -8,7 +8,7 @@
 }: let
   fs = lib.fileset;
   root = ../..;
-  workspace = lib.importTOML ../../Cargo.toml;
+  workspace = builtins.fromTOML (builtins.readFile ../../Cargo.toml);
 in
   rustPlatform.buildRustPackage {
     pname = "virtufin";
