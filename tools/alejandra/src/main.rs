@@ -86,7 +86,11 @@ fn main() -> ExitCode {
     println!(
         "alejandra: {} file(s) checked, {changed} {}",
         files.len(),
-        if check { "need formatting" } else { "reformatted" }
+        if check {
+            "need formatting"
+        } else {
+            "reformatted"
+        }
     );
     if failed {
         ExitCode::from(1)
