@@ -165,7 +165,10 @@ in {
         ];
         after = [valkeyUnit] ++ optional (cfg.backend == "dapr") daprUnit;
         environment = vlib.toEnvironment svc.settings;
-        serviceConfig.EnvironmentFile = optional (svc.environmentFile != null) svc.environmentFile;
+        serviceConfig = {
+          EnvironmentFile = optional (svc.environmentFile != null) svc.environmentFile;
+          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") svc.credentials;
+        };
       };
 
       # Valkey with the append-only file: an acknowledged write survives a

@@ -80,6 +80,20 @@
         Its variables win over {option}`settings`.
       '';
     };
+
+    credentials = mkOption {
+      type = types.attrsOf types.str;
+      default = {};
+      example = {
+        tls-key = "/run/secrets/${name}-tls.key";
+      };
+      description = ''
+        Files handed to ${name} with systemd's `LoadCredential=NAME:PATH`
+        (readable by its dynamic user, never copied into the store). Each
+        appears as `/run/credentials/${name}.service/NAME`
+        (`$CREDENTIALS_DIRECTORY`); point a `*_FILE` setting there.
+      '';
+    };
   };
 in {
   options.services.virtufin = {

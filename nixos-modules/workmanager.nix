@@ -33,7 +33,10 @@ in {
     systemd.services.virtufin-workmanager = {
       wantedBy = ["multi-user.target"];
       environment = vlib.toEnvironment svc.settings;
-      serviceConfig.EnvironmentFile = optional (svc.environmentFile != null) svc.environmentFile;
+      serviceConfig = {
+        EnvironmentFile = optional (svc.environmentFile != null) svc.environmentFile;
+        LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") svc.credentials;
+      };
     };
 
     networking.firewall.allowedTCPPorts = optional svc.openFirewall svc.httpPort ++ optional svc.openFirewall svc.grpcPort;
