@@ -3,6 +3,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -111,6 +112,33 @@ pub struct Config {
     /// How long shutdown waits for open calls to finish.
     #[arg(long, env = "VIRTUFIN_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+
+    /// The services file of the Gateway (JSON or YAML): which backends it
+    /// may call. Re-read when it changes; without it the Gateway has no
+    /// backends.
+    #[arg(long = "services-config", env = "SERVICES_CONFIG_PATH")]
+    pub services_config: Option<PathBuf>,
+
+    /// How often the services file is checked for changes.
+    #[arg(long, env = "VIRTUFIN_SERVICES_RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub services_reload_interval: Duration,
+
+    /// A file of named API keys (JSON or YAML:
+    /// `{"keys":[{"name","key","services":[..]}]}`); keys are also read from
+    /// `ApiAuth__Keys__<name>` (and `ApiAuth__Services__<name>`). With no
+    /// key anywhere, auth is off.
+    #[arg(long, env = "VIRTUFIN_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Origins allowed to call from a browser (CORS, for REST and
+    /// gRPC-Web), comma-separated, or `*`; empty = CORS off.
+    #[arg(
+        long,
+        env = "VIRTUFIN_CORS_ORIGINS",
+        default_value = "",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
 }
 
 impl Config {
@@ -150,6 +178,17 @@ impl Config {
                 }
             }
             (BackendKind::Memory, _) => {}
+        }
+        for o in self
+            .cors_origins
+            .iter()
+            .filter(|o| !o.is_empty() && *o != "*")
+        {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.ends_with('/') {
+                return Err(format!(
+                    "invalid VIRTUFIN_CORS_ORIGINS entry '{o}': an origin is scheme://host[:port], e.g. https://app.example.com"
+                ));
+            }
         }
         if self.app_id.is_empty() || self.app_id.contains("||") {
             return Err(format!(

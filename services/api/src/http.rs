@@ -4,7 +4,7 @@
 use std::{collections::HashMap, sync::Arc};
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Bytes,
     extract::{Path, Query, State},
     http::StatusCode,
@@ -14,7 +14,9 @@ use axum::{
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{App, error::ApiError, state::StateApi};
+use virtufin_common::auth::{ApiKeys, Caller, http_auth};
+
+use crate::{App, error::ApiError, gateway::GatewayApi, state::StateApi};
 
 #[derive(Clone)]
 struct Ctx {
@@ -22,16 +24,29 @@ struct Ctx {
     state: StateApi,
 }
 
-pub fn router(app: Arc<App>, state: StateApi) -> Router {
+pub fn router(
+    app: Arc<App>,
+    state: StateApi,
+    gateway: GatewayApi,
+    keys: Arc<ApiKeys>,
+    cors: Option<tower_http::cors::CorsLayer>,
+) -> Router {
     let health = app.health.router();
-    Router::new()
+    // Everything but health is behind the key check.
+    let api = Router::new()
         .route("/v1/state/save-state", post(save))
         .route("/v1/state/register-keys", post(register))
         .route("/v1/state/{service}", get(get_all))
         .route("/v1/state/{service}/{*key}", get(get_one).delete(delete))
         .route("/v1/pubsub/subscriptions", get(subscriptions))
         .with_state(Ctx { app, state })
-        .merge(health)
+        .merge(crate::gateway::routes(gateway))
+        .layer(axum::middleware::from_fn_with_state(keys, http_auth));
+    let router = api.merge(health);
+    match cors {
+        Some(c) => router.layer(c),
+        None => router,
+    }
 }
 
 /// Parses a JSON body with a message that says what is wrong with it.
@@ -52,11 +67,22 @@ struct SaveBody {
     include_value: bool,
 }
 
-async fn save(State(c): State<Ctx>, b: Bytes) -> Result<impl IntoResponse, ApiError> {
+async fn save(
+    State(c): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    b: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     let r: SaveBody = body(&b)?;
     let etag = c
         .state
-        .save(&r.service, &r.key, &r.value, &r.etag, r.include_value)
+        .save(
+            &caller,
+            &r.service,
+            &r.key,
+            &r.value,
+            &r.etag,
+            r.include_value,
+        )
         .await?;
     Ok(Json(json!({
         "status": {"success": true, "status": "OK", "message": format!("State saved for {}/{}", r.service, r.key)},
@@ -71,9 +97,13 @@ struct RegisterBody {
     keys: Vec<String>,
 }
 
-async fn register(State(c): State<Ctx>, b: Bytes) -> Result<impl IntoResponse, ApiError> {
+async fn register(
+    State(c): State<Ctx>,
+    Extension(caller): Extension<Caller>,
+    b: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     let r: RegisterBody = body(&b)?;
-    let added = c.state.register(&r.service, &r.keys).await?;
+    let added = c.state.register(&caller, &r.service, &r.keys).await?;
     Ok(Json(json!({
         "status": {"success": true, "status": "OK", "message": format!("{added} new key(s) registered for {}", r.service)},
     })))
@@ -81,9 +111,10 @@ async fn register(State(c): State<Ctx>, b: Bytes) -> Result<impl IntoResponse, A
 
 async fn get_one(
     State(c): State<Ctx>,
+    Extension(caller): Extension<Caller>,
     Path((service, key)): Path<(String, String)>,
 ) -> Result<impl IntoResponse, ApiError> {
-    match c.state.get(&service, &key).await? {
+    match c.state.get(&caller, &service, &key).await? {
         Some(v) => Ok(Json(json!({"key": key, "value": v.value, "etag": v.etag}))),
         None => Err(ApiError::not_found(format!(
             "no state stored for {service}/{key}"
@@ -93,9 +124,10 @@ async fn get_one(
 
 async fn get_all(
     State(c): State<Ctx>,
+    Extension(caller): Extension<Caller>,
     Path(service): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let values = c.state.get_all(&service).await?;
+    let values = c.state.get_all(&caller, &service).await?;
     Ok(Json(json!({ "values": values })))
 }
 
@@ -110,13 +142,14 @@ struct DeleteQuery {
 
 async fn delete(
     State(c): State<Ctx>,
+    Extension(caller): Extension<Caller>,
     Path((service, key)): Path<(String, String)>,
     q: Result<Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Query(q) = q.map_err(|e| ApiError::invalid(format!("bad query string: {e}")))?;
     let deleted = c
         .state
-        .delete(&service, &key, &q.etag, q.include_value)
+        .delete(&caller, &service, &key, &q.etag, q.include_value)
         .await?;
     let (code, message) = if deleted {
         (StatusCode::OK, format!("State deleted for {service}/{key}"))

@@ -1,7 +1,8 @@
 //! virtufin-api: the only Virtufin service that talks to the state store
-//! and the broker. Serves `virtufin.api.v1.{Health,State,Pubsub}` and the
-//! standard `grpc.health.v1` over gRPC (h2c) with reflection, and health
-//! plus REST routes over HTTP.
+//! and the broker. Serves `virtufin.api.v1.{Health,State,Pubsub,Gateway}`
+//! and the standard `grpc.health.v1` over gRPC (h2c, and gRPC-Web for
+//! browsers) with reflection, and health plus REST routes over HTTP; API
+//! keys guard everything but health when any is configured.
 
 use std::{
     sync::{Arc, OnceLock},
@@ -9,15 +10,21 @@ use std::{
 };
 
 use tokio_util::sync::CancellationToken;
-use virtufin_common::{Health, Notifier};
+use tonic::service::interceptor::InterceptedService;
+use virtufin_common::{
+    Health, Notifier,
+    auth::{ApiKeys, GrpcAuth},
+};
 use virtufin_proto::api::v1::{
-    health_server::HealthServer, pubsub_server::PubsubServer, state_server::StateServer,
+    gateway_server::GatewayServer, health_server::HealthServer, pubsub_server::PubsubServer,
+    state_server::StateServer,
 };
 use virtufin_store::{Backend, DeliveryOptions, memory, valkey};
 
 pub mod cloudevent;
 pub mod config;
 pub mod error;
+pub mod gateway;
 mod grpc_health;
 mod http;
 pub mod pubsub;
@@ -100,6 +107,17 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.check().map_err(RunError::Config)?;
+    let keys = Arc::new(
+        ApiKeys::load(config.api_keys_file.as_deref())
+            .map_err(|e| RunError::Config(e.to_string()))?,
+    );
+    if keys.enabled() {
+        tracing::info!(keys = ?keys.names(), "API keys required (x-api-key)");
+    } else {
+        tracing::info!("no API key configured: auth is off");
+    }
+    let cors = cors_layer(&config.cors_origins);
+    let gw = virtufin_gateway::Gateway::new(config.services_config.clone());
     let notifier = Notifier;
     let health = Health::new();
     let kind = config.backend_kind();
@@ -141,29 +159,62 @@ pub async fn run(
         shutdown.clone(),
     ));
     let state_api = state::StateApi::new(app.clone());
+    let gateway_api = gateway::GatewayApi {
+        gateway: gw.clone(),
+    };
+    let auth = GrpcAuth(keys.clone());
+    // Health stays open (supervisors and the downstream handshake probe it
+    // without a key); everything else is behind the key check.
     let grpc = virtufin_common::serve::grpc_server()
+        // HTTP/1.1 for gRPC-Web: browsers cannot speak gRPC over HTTP/2.
+        .accept_http1(true)
+        .layer(match cors.clone() {
+            Some(c) => tower::util::Either::Left(c),
+            None => tower::util::Either::Right(tower::layer::util::Identity::new()),
+        })
+        .layer(tonic_web::GrpcWebLayer::new())
         .add_service(std_health)
         .add_service(HealthServer::new(grpc_health::ApiHealth {
             app: app.clone(),
         }))
-        .add_service(
+        .add_service(InterceptedService::new(
             StateServer::new(state::StateService(state_api.clone()))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
-        )
-        .add_service(
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
             PubsubServer::new(pubsub::PubsubService { app: app.clone() })
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
-        );
-    let grpc =
-        virtufin_common::serve::with_reflection(grpc, &[virtufin_proto::API_DESCRIPTOR_SET])?;
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            GatewayServer::new(gateway::GatewayService(gateway_api.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            auth.clone(),
+        ));
+    let grpc = virtufin_common::serve::with_reflection_behind(
+        grpc,
+        &[virtufin_proto::API_DESCRIPTOR_SET],
+        auth,
+    )?;
     let servers = virtufin_common::serve::start(
         grpc,
         listeners.grpc,
-        http::router(app.clone(), state_api),
+        http::router(app.clone(), state_api, gateway_api, keys.clone(), cors),
         listeners.http,
         &shutdown,
     );
+    if config.services_config.is_some() {
+        let (gw2, s) = (gw.clone(), shutdown.clone());
+        tasks.spawn(gw2.watch(config.services_reload_interval, s.cancelled_owned()));
+    }
+    tasks.spawn(gateway::follow_health(
+        gw.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(backend = %app.backend_desc, "serving");
 
     // Backend: connect (retrying until it answers), then keep probing it.
@@ -185,6 +236,44 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
     tracing::info!("stopped");
     result
+}
+
+/// CORS for browsers, off unless origins are configured ("*" = any).
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<&String> = origins.iter().filter(|o| !o.is_empty()).collect();
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| *o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| o.parse().ok()))
+    };
+    let h = |s: &'static str| axum::http::HeaderName::from_static(s);
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([
+                axum::http::Method::GET,
+                axum::http::Method::POST,
+                axum::http::Method::DELETE,
+                axum::http::Method::OPTIONS,
+            ])
+            .allow_headers([
+                h("content-type"),
+                h("x-api-key"),
+                h("x-grpc-web"),
+                h("x-user-agent"),
+                h("grpc-timeout"),
+            ])
+            .expose_headers([
+                h("grpc-status"),
+                h("grpc-message"),
+                h("grpc-status-details-bin"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 async fn connect_and_probe(

@@ -8,6 +8,7 @@ use std::{
 
 use serde::Serialize;
 use tonic::{Request, Response, Status};
+use virtufin_common::auth::{Caller, caller_of};
 use virtufin_proto::api::v1::{
     DeleteStateRequest, GetAllStateRequest, GetAllStateResponse, GetStateRequest, GetStateResponse,
     RegisterKeysRequest, SaveStateRequest, StatusResponse, state_server::State,
@@ -74,6 +75,7 @@ impl StateApi {
 
     pub async fn save(
         &self,
+        caller: &Caller,
         service: &str,
         key: &str,
         value: &str,
@@ -83,6 +85,7 @@ impl StateApi {
         validate::service(service)?;
         validate::key(key)?;
         validate::value_size("value", value.len(), self.limits().max_value_bytes)?;
+        caller.require(service)?;
         let backend = self.app.backend()?;
         let etag = (!etag.is_empty()).then_some(etag);
         let new_etag = backend
@@ -90,8 +93,8 @@ impl StateApi {
             .set(&store_key(service, key), value, etag)
             .await
             .map_err(|e| etag_error(e, service, key))?;
-        tracing::debug!(service, key, etag = %new_etag, "state saved");
-        if let Err(e) = self.register(service, &[key.to_owned()]).await {
+        tracing::info!(target: "audit", caller = caller.name(), service, key, etag = %new_etag, action = "save", "state saved");
+        if let Err(e) = self.add_keys(service, &[key.to_owned()]).await {
             tracing::warn!(service, key, error = %e, "saved, but could not register the key");
         }
         self.announce(service, key, "save", include_value.then_some(value))
@@ -99,15 +102,22 @@ impl StateApi {
         Ok(new_etag)
     }
 
-    pub async fn get(&self, service: &str, key: &str) -> Result<Option<Versioned>, ApiError> {
+    pub async fn get(
+        &self,
+        caller: &Caller,
+        service: &str,
+        key: &str,
+    ) -> Result<Option<Versioned>, ApiError> {
         validate::service(service)?;
         validate::key(key)?;
+        caller.require(service)?;
         let backend = self.app.backend()?;
         backend.state.get(&store_key(service, key)).await.api()
     }
 
     pub async fn delete(
         &self,
+        caller: &Caller,
         service: &str,
         key: &str,
         etag: &str,
@@ -115,6 +125,7 @@ impl StateApi {
     ) -> Result<bool, ApiError> {
         validate::service(service)?;
         validate::key(key)?;
+        caller.require(service)?;
         let backend = self.app.backend()?;
         let sk = store_key(service, key);
         let old = if include_value {
@@ -128,6 +139,7 @@ impl StateApi {
             .delete(&sk, etag)
             .await
             .map_err(|e| etag_error(e, service, key))?;
+        tracing::info!(target: "audit", caller = caller.name(), service, key, deleted, action = "delete", "state deleted");
         if deleted {
             self.announce(service, key, "delete", old.as_deref()).await;
         }
@@ -135,8 +147,13 @@ impl StateApi {
     }
 
     /// Every registered key of `service` that holds a value.
-    pub async fn get_all(&self, service: &str) -> Result<HashMap<String, String>, ApiError> {
+    pub async fn get_all(
+        &self,
+        caller: &Caller,
+        service: &str,
+    ) -> Result<HashMap<String, String>, ApiError> {
         validate::service(service)?;
+        caller.require(service)?;
         let backend = self.app.backend()?;
         let mut keys = self.registered(service).await?;
         keys.sort();
@@ -154,8 +171,20 @@ impl StateApi {
     }
 
     /// Adds keys to the service's registry (idempotent).
-    pub async fn register(&self, service: &str, keys: &[String]) -> Result<usize, ApiError> {
+    pub async fn register(
+        &self,
+        caller: &Caller,
+        service: &str,
+        keys: &[String],
+    ) -> Result<usize, ApiError> {
         validate::service(service)?;
+        caller.require(service)?;
+        let added = self.add_keys(service, keys).await?;
+        tracing::info!(target: "audit", caller = caller.name(), service, keys = keys.len(), added, action = "register_keys", "keys registered");
+        Ok(added)
+    }
+
+    async fn add_keys(&self, service: &str, keys: &[String]) -> Result<usize, ApiError> {
         if keys.len() > self.limits().max_keys {
             return Err(ApiError::invalid(format!(
                 "{} keys in one call; the limit is {}",
@@ -276,10 +305,18 @@ impl State for StateService {
         &self,
         req: Request<SaveStateRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        let caller = caller_of(&req);
         let r = req.into_inner();
         let etag = self
             .0
-            .save(&r.service, &r.key, &r.value, &r.etag, r.include_value)
+            .save(
+                &caller,
+                &r.service,
+                &r.key,
+                &r.value,
+                &r.etag,
+                r.include_value,
+            )
             .await?;
         Ok(Response::new(ok(
             format!("State saved for {}/{}", r.service, r.key),
@@ -291,10 +328,11 @@ impl State for StateService {
         &self,
         req: Request<GetStateRequest>,
     ) -> Result<Response<GetStateResponse>, Status> {
+        let caller = caller_of(&req);
         let r = req.into_inner();
         // A missing key answers an empty value and etag, as the original
         // api did; a stored value always has a non-empty etag.
-        let v = self.0.get(&r.service, &r.key).await?;
+        let v = self.0.get(&caller, &r.service, &r.key).await?;
         let (value, etag) = v.map(|v| (v.value, v.etag)).unwrap_or_default();
         Ok(Response::new(GetStateResponse {
             key: r.key,
@@ -307,8 +345,9 @@ impl State for StateService {
         &self,
         req: Request<GetAllStateRequest>,
     ) -> Result<Response<GetAllStateResponse>, Status> {
+        let caller = caller_of(&req);
         let r = req.into_inner();
-        let values = self.0.get_all(&r.service).await?;
+        let values = self.0.get_all(&caller, &r.service).await?;
         Ok(Response::new(GetAllStateResponse { values }))
     }
 
@@ -316,8 +355,9 @@ impl State for StateService {
         &self,
         req: Request<RegisterKeysRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        let caller = caller_of(&req);
         let r = req.into_inner();
-        let added = self.0.register(&r.service, &r.keys).await?;
+        let added = self.0.register(&caller, &r.service, &r.keys).await?;
         Ok(Response::new(ok(
             format!("{added} new key(s) registered for {}", r.service),
             String::new(),
@@ -328,10 +368,11 @@ impl State for StateService {
         &self,
         req: Request<DeleteStateRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        let caller = caller_of(&req);
         let r = req.into_inner();
         let deleted = self
             .0
-            .delete(&r.service, &r.key, &r.etag, r.include_value)
+            .delete(&caller, &r.service, &r.key, &r.etag, r.include_value)
             .await?;
         // Deleting nothing is not an error (deletes are idempotent); the
         // status string says which case it was.

@@ -19,6 +19,9 @@ struct CheckState {
 #[derive(Debug)]
 struct Inner {
     checks: RwLock<BTreeMap<String, CheckState>>,
+    /// Conditions shown by `/health` that do not gate readiness (a
+    /// gateway backend's open circuit): "Degraded" when not ok.
+    notes: RwLock<BTreeMap<String, CheckState>>,
     live: RwLock<CheckState>,
     ready_tx: watch::Sender<bool>,
     /// Bumped on every change of any check.
@@ -70,6 +73,7 @@ impl Health {
         Self {
             inner: Arc::new(Inner {
                 checks: RwLock::new(BTreeMap::new()),
+                notes: RwLock::new(BTreeMap::new()),
                 live: RwLock::new(CheckState {
                     ok: true,
                     detail: "running".into(),
@@ -135,8 +139,22 @@ impl Health {
             .map(|(n, c)| (n.clone(), c.detail.clone()))
     }
 
+    /// Shows (`ok` = false: "Degraded") or clears (`None`) a condition in
+    /// `/health` that does not affect readiness.
+    pub fn set_note(&self, name: &str, state: Option<(bool, String)>) {
+        let mut notes = self.inner.notes.write().unwrap_or_else(|p| p.into_inner());
+        match state {
+            Some((ok, detail)) => {
+                notes.insert(name.to_owned(), CheckState { ok, detail });
+            }
+            None => {
+                notes.remove(name);
+            }
+        }
+    }
+
     pub fn readiness_report(&self) -> HealthReport {
-        let checks: BTreeMap<_, _> = self
+        let mut checks: BTreeMap<_, _> = self
             .read_checks()
             .iter()
             .map(|(n, c)| {
@@ -149,8 +167,30 @@ impl Health {
                 )
             })
             .collect();
+        let mut degraded = false;
+        for (n, c) in self
+            .inner
+            .notes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            degraded |= !c.ok;
+            checks.insert(
+                n.clone(),
+                CheckReport {
+                    status: if c.ok { "Healthy" } else { "Degraded" },
+                    description: c.detail.clone(),
+                },
+            );
+        }
+        let ready = self.is_ready();
         HealthReport {
-            status: word(self.is_ready()),
+            status: if ready && degraded {
+                "Degraded"
+            } else {
+                word(ready)
+            },
             checks,
         }
     }

@@ -79,10 +79,23 @@ pub fn grpc_server() -> tonic::transport::Server {
 
 /// Adds gRPC reflection (v1, and v1alpha which grpcurl 1.8 uses) over the
 /// given descriptor sets plus `grpc.health.v1`.
-pub fn with_reflection(
-    router: tonic::transport::server::Router,
+pub fn with_reflection<L>(
+    router: tonic::transport::server::Router<L>,
     sets: &[&'static [u8]],
-) -> Result<tonic::transport::server::Router, ServeError> {
+) -> Result<tonic::transport::server::Router<L>, ServeError> {
+    with_reflection_behind(router, sets, Ok)
+}
+
+/// [`with_reflection`] with the reflection services behind `interceptor`
+/// (e.g. the api's key check).
+pub fn with_reflection_behind<L, I>(
+    router: tonic::transport::server::Router<L>,
+    sets: &[&'static [u8]],
+    interceptor: I,
+) -> Result<tonic::transport::server::Router<L>, ServeError>
+where
+    I: tonic::service::Interceptor + Clone + Send + Sync + 'static,
+{
     let mut v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
     let mut v1alpha = tonic_reflection::server::Builder::configure()
@@ -97,7 +110,15 @@ pub fn with_reflection(
     let v1alpha = v1alpha
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    Ok(router.add_service(v1).add_service(v1alpha))
+    Ok(router
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            v1,
+            interceptor.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            v1alpha,
+            interceptor,
+        )))
 }
 
 /// The running servers of one service.

@@ -1,0 +1,312 @@
+//! One configured backend: its channel, its learnt methods and its
+//! circuit breaker, and calls to it with deadline and retries.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use prost_reflect::{DynamicMessage, MethodDescriptor};
+use tonic::{
+    Code, Status,
+    client::Grpc,
+    metadata::AsciiMetadataValue,
+    transport::{Channel, Endpoint},
+};
+
+use crate::{
+    breaker::Breaker,
+    catalog::{Catalog, DiscoverError},
+    codec::DynamicCodec,
+    config::ServiceConfig,
+};
+
+/// A catalog younger than this is not re-learnt when a method is missing
+/// (so a stream of calls to a wrong name does not hammer reflection).
+const REFRESH_AFTER: Duration = Duration::from_secs(5);
+
+/// The header that tells a backend who called through the Gateway.
+pub const CALLER_HEADER: &str = "x-virtufin-caller";
+
+#[derive(Debug)]
+pub struct Backend {
+    pub config: ServiceConfig,
+    channel: Option<Channel>,
+    catalog: tokio::sync::Mutex<Option<(Arc<Catalog>, Instant)>>,
+    pub breaker: Breaker,
+}
+
+/// Codes that say the backend itself is in trouble (they count against
+/// its circuit); anything else is the backend answering normally.
+fn is_backend_failure(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Internal | Code::Unknown
+    )
+}
+
+/// Codes worth another attempt of a call that is safe to repeat.
+fn is_retryable(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable | Code::DeadlineExceeded | Code::Aborted | Code::ResourceExhausted
+    )
+}
+
+impl Backend {
+    pub fn new(config: ServiceConfig) -> Self {
+        let channel = config.grpc.as_ref().and_then(|g| {
+            let host = if g.host.contains(':') && !g.host.starts_with('[') {
+                format!("[{}]", g.host)
+            } else {
+                g.host.clone()
+            };
+            Endpoint::from_shared(format!("http://{host}:{}", g.port))
+                .ok()
+                .map(|e| {
+                    e.connect_timeout(Duration::from_secs(3))
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(20))
+                        .keep_alive_timeout(Duration::from_secs(20))
+                        .connect_lazy()
+                })
+        });
+        let breaker = Breaker::new(
+            config.resilience.breaker_failures,
+            config.resilience.cooldown(),
+        );
+        Self {
+            config,
+            channel,
+            catalog: tokio::sync::Mutex::new(None),
+            breaker,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    fn channel(&self) -> Result<Channel, Status> {
+        let name = self.name();
+        let Some(grpc) = &self.config.grpc else {
+            return Err(Status::failed_precondition(format!(
+                "service '{name}' has no grpc section in the services file, so the gateway cannot call it"
+            )));
+        };
+        if !grpc.reflection_enabled {
+            return Err(Status::failed_precondition(format!(
+                "service '{name}' has reflectionEnabled: false in the services file; the gateway learns methods by gRPC reflection and cannot call it"
+            )));
+        }
+        self.channel.clone().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "service '{name}': {}:{} is not a usable address",
+                grpc.host, grpc.port
+            ))
+        })
+    }
+
+    /// The catalog learnt before, if any (no network).
+    pub fn cached(&self) -> Option<Arc<Catalog>> {
+        self.catalog
+            .try_lock()
+            .ok()
+            .and_then(|c| c.as_ref().map(|(c, _)| c.clone()))
+    }
+
+    /// The backend's methods; learnt on first use, again when `refresh`
+    /// and the last answer is older than a few seconds.
+    pub async fn catalog(&self, refresh: bool) -> Result<Arc<Catalog>, Status> {
+        let channel = self.channel()?;
+        let mut slot = self.catalog.lock().await;
+        if let Some((c, at)) = slot.as_ref()
+            && (!refresh || at.elapsed() < REFRESH_AFTER)
+        {
+            return Ok(c.clone());
+        }
+        self.admit()?;
+        let name = self.name().to_owned();
+        match Catalog::discover(channel, self.config.resilience.timeout()).await {
+            Ok(c) => {
+                self.breaker.success();
+                let c = Arc::new(c);
+                *slot = Some((c.clone(), Instant::now()));
+                Ok(c)
+            }
+            Err(DiscoverError::NoReflection(why)) => {
+                // It answered, so it is up: not a circuit failure.
+                self.breaker.success();
+                Err(Status::failed_precondition(format!(
+                    "service '{name}' does not serve gRPC reflection (v1 or v1alpha), which the gateway needs to call it: {why}"
+                )))
+            }
+            Err(DiscoverError::Unreachable(s)) => {
+                let msg = format!("service '{name}' is unreachable: {}", s.message());
+                self.breaker.failure(&msg);
+                Err(Status::new(s.code(), msg))
+            }
+            Err(e @ DiscoverError::Bad(_)) => {
+                self.breaker.neutral();
+                Err(Status::internal(format!("service '{name}': {e}")))
+            }
+        }
+    }
+
+    /// Forgets the learnt methods (the backend changed under us).
+    pub async fn forget(&self) {
+        *self.catalog.lock().await = None;
+    }
+
+    fn admit(&self) -> Result<(), Status> {
+        self.breaker.admit().map_err(|r| {
+            Status::unavailable(format!(
+                "the circuit to service '{}' is open after {} failure(s) (last: {}); next attempt in {:.1}s",
+                self.name(),
+                r.failures,
+                r.last_error,
+                r.retry_in.as_secs_f64()
+            ))
+        })
+    }
+
+    /// Whether `method` may be attempted more than once.
+    pub fn safe_to_retry(&self, method: &MethodDescriptor) -> bool {
+        let idempotent = method
+            .method_descriptor_proto()
+            .options
+            .as_ref()
+            .and_then(|o| o.idempotency_level)
+            .is_some_and(|l| l == 1 || l == 2); // NO_SIDE_EFFECTS, IDEMPOTENT
+        idempotent
+            || self
+                .config
+                .resilience
+                .listed_safe(method.parent_service().full_name(), method.name())
+    }
+
+    fn request<T>(
+        &self,
+        msg: T,
+        timeout: Option<Duration>,
+        caller: Option<&str>,
+    ) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if let Some(t) = timeout {
+            req.set_timeout(t);
+        }
+        if let Some(v) = caller.and_then(|c| c.parse::<AsciiMetadataValue>().ok()) {
+            req.metadata_mut().insert(CALLER_HEADER, v);
+        }
+        req
+    }
+
+    fn record(&self, result: &Result<(), Status>) {
+        match result {
+            Ok(()) => self.breaker.success(),
+            Err(s) if is_backend_failure(s.code()) => {
+                self.breaker.failure(s.message());
+            }
+            Err(_) => self.breaker.success(),
+        }
+    }
+
+    /// A unary call with the backend's deadline and, when the method is safe
+    /// to repeat, retries with exponential backoff.
+    pub async fn unary(
+        &self,
+        method: &MethodDescriptor,
+        msg: DynamicMessage,
+        timeout: Duration,
+        caller: Option<&str>,
+    ) -> Result<DynamicMessage, Status> {
+        let channel = self.channel()?;
+        let path = method_path(method)?;
+        let r = &self.config.resilience;
+        let attempts = if self.safe_to_retry(method) {
+            r.retries + 1
+        } else {
+            1
+        };
+        let mut backoff = r.backoff();
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.admit()?;
+            let mut grpc = Grpc::new(channel.clone());
+            let call = async {
+                grpc.ready()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("connecting: {e}")))?;
+                grpc.unary(
+                    self.request(msg.clone(), Some(timeout), caller),
+                    path.clone(),
+                    DynamicCodec::new(method.output()),
+                )
+                .await
+            };
+            let result = match tokio::time::timeout(timeout, call).await {
+                Ok(r) => r,
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "no answer within {timeout:?}"
+                ))),
+            };
+            self.record(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+            match result {
+                Ok(resp) => return Ok(resp.into_inner()),
+                Err(s) if attempt < attempts && is_retryable(s.code()) => {
+                    tracing::debug!(service = %self.name(), method = %method.name(), attempt, error = %s.message(), "retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = backoff.saturating_mul(2);
+                }
+                Err(s) => {
+                    if s.code() == Code::Unimplemented {
+                        self.forget().await;
+                    }
+                    return Err(s);
+                }
+            }
+        }
+    }
+
+    /// Opens a server-streaming call (no retries: messages may already have
+    /// been delivered); `timeout` bounds the whole stream when given.
+    pub async fn server_streaming(
+        &self,
+        method: &MethodDescriptor,
+        msg: DynamicMessage,
+        timeout: Option<Duration>,
+        caller: Option<&str>,
+    ) -> Result<tonic::Streaming<DynamicMessage>, Status> {
+        let channel = self.channel()?;
+        let path = method_path(method)?;
+        self.admit()?;
+        let mut grpc = Grpc::new(channel);
+        let open_timeout = timeout.unwrap_or(self.config.resilience.timeout());
+        let call = async {
+            grpc.ready()
+                .await
+                .map_err(|e| Status::unavailable(format!("connecting: {e}")))?;
+            grpc.server_streaming(
+                self.request(msg, timeout, caller),
+                path,
+                DynamicCodec::new(method.output()),
+            )
+            .await
+        };
+        let result = match tokio::time::timeout(open_timeout, call).await {
+            Ok(r) => r,
+            Err(_) => Err(Status::deadline_exceeded(format!(
+                "the stream did not open within {open_timeout:?}"
+            ))),
+        };
+        self.record(&result.as_ref().map(|_| ()).map_err(Clone::clone));
+        Ok(result?.into_inner())
+    }
+}
+
+fn method_path(m: &MethodDescriptor) -> Result<http::uri::PathAndQuery, Status> {
+    format!("/{}/{}", m.parent_service().full_name(), m.name())
+        .parse()
+        .map_err(|_| Status::internal(format!("method name {} is not a usable path", m.name())))
+}
