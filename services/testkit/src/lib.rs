@@ -195,3 +195,34 @@ impl NotifyListener {
         }
     }
 }
+
+/// Echoes every text and binary frame of every WebSocket client that
+/// connects to `listener`, until the task is dropped.
+pub async fn ws_echo_serve(listener: tokio::net::TcpListener) {
+    use futures_util::{SinkExt, StreamExt};
+    while let Ok((tcp, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                return;
+            };
+            while let Some(Ok(m)) = ws.next().await {
+                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// A WebSocket echo peer on a port of its own; its URL.
+pub async fn ws_echo() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind an echo peer: {e}"));
+    let url = match l.local_addr() {
+        Ok(a) => format!("ws://{a}/"),
+        Err(e) => panic!("echo peer address: {e}"),
+    };
+    tokio::spawn(ws_echo_serve(l));
+    url
+}
