@@ -50,8 +50,15 @@ pub enum ClientError {
     Connect { addr: String, reason: String },
     #[error("the API key is not usable: it must be visible ASCII without spaces")]
     Key,
-    #[error("{}: {}", .0.code(), .0.message())]
-    Status(#[from] tonic::Status),
+    /// What the api answered (not a `source`: the message is all of it).
+    #[error("{:?}: {}", .0.code(), .0.message())]
+    Status(tonic::Status),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status(s)
+    }
 }
 
 /// A connection to virtufin-api. Cheap to clone; reconnects by itself.

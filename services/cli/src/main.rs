@@ -1,11 +1,12 @@
 //! `virtufin`: the command-line client of the Virtufin stack.
 
-use std::{collections::HashMap, process::ExitCode};
+use std::{collections::HashMap, process::ExitCode, sync::OnceLock};
 
 use clap::{Args, Parser, Subcommand};
 use virtufin_api_client::ApiClient;
 
 mod events;
+mod gateway;
 mod smoke;
 mod up;
 mod workers;
@@ -22,6 +23,10 @@ struct Cli {
     /// else 127.0.0.1:5002.
     #[arg(long, env = "VIRTUFIN_API", global = true)]
     api: Option<String>,
+
+    /// The API key to present to the api (x-api-key), when it requires one.
+    #[arg(long, env = "VIRTUFIN_API_KEY", global = true, hide_env_values = true)]
+    api_key: Option<String>,
 
     /// The websocketmanager's gRPC address.
     #[arg(
@@ -65,6 +70,9 @@ enum Command {
     /// Manages the workmanager's workers.
     #[command(subcommand)]
     Workers(workers::WorkersCmd),
+    /// Calls configured backends through the api's Gateway.
+    #[command(subcommand)]
+    Gateway(gateway::GatewayCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +138,14 @@ pub(crate) fn parse_pair(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("'{s}' is not NAME=VALUE"))
 }
 
+static API_KEY: OnceLock<Option<String>> = OnceLock::new();
+
+/// A client of the api at `addr`, presenting the configured key.
+pub fn api_client(addr: &str) -> anyhow::Result<ApiClient> {
+    let key = API_KEY.get().and_then(|k| k.as_deref());
+    Ok(ApiClient::lazy(addr)?.with_key(key)?)
+}
+
 /// The api address from the flag or the seed's environment names.
 pub fn api_addr(flag: Option<String>) -> String {
     if let Some(a) = flag {
@@ -144,6 +160,7 @@ pub fn api_addr(flag: Option<String>) -> String {
 async fn main() -> ExitCode {
     let cli: Cli = virtufin_common::config::parse_or_exit();
     let addr = api_addr(cli.api);
+    let _ = API_KEY.set(cli.api_key);
     let result = match cli.command {
         Command::Up(args) => {
             virtufin_common::logging::init("virtufin");
@@ -155,6 +172,7 @@ async fn main() -> ExitCode {
         Command::Subscribe(s) => subscribe(&addr, s).await,
         Command::Ws(c) => ws::run(&cli.wsm, c).await,
         Command::Workers(c) => workers::run(&cli.wm, &addr, c).await,
+        Command::Gateway(c) => gateway::run(&addr, c).await,
     };
     match result {
         Ok(code) => code,
@@ -166,7 +184,7 @@ async fn main() -> ExitCode {
 }
 
 async fn state(addr: &str, cmd: StateCmd) -> anyhow::Result<ExitCode> {
-    let api = ApiClient::lazy(addr)?;
+    let api = api_client(addr)?;
     match cmd {
         StateCmd::Get { service, key } => match api.get(&service, &key).await? {
             Some((value, etag)) => {
@@ -210,7 +228,7 @@ async fn state(addr: &str, cmd: StateCmd) -> anyhow::Result<ExitCode> {
 }
 
 async fn publish(addr: &str, p: PublishArgs) -> anyhow::Result<ExitCode> {
-    let api = ApiClient::lazy(addr)?;
+    let api = api_client(addr)?;
     let mut md: HashMap<String, String> = p.metadata.into_iter().collect();
     let attrs = [
         ("ce-type", p.event_type),
@@ -228,7 +246,7 @@ async fn publish(addr: &str, p: PublishArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn subscribe(addr: &str, s: SubscribeArgs) -> anyhow::Result<ExitCode> {
-    let api = ApiClient::lazy(addr)?;
+    let api = api_client(addr)?;
     let mut stream = api
         .pubsub()
         .subscribe(virtufin_api_client::pb::SubscribeRequest {

@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, process::ExitCode, time::Duration};
 
-use virtufin_api_client::{ApiClient, pb};
+use virtufin_api_client::pb;
 
 const TOPIC: &str = "websocketmanager.connectionstatus";
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,7 +34,7 @@ fn status(e: tonic::Status) -> String {
 pub async fn run(addr: &str) -> anyhow::Result<ExitCode> {
     let mut r = Report { failed: false };
     println!("smoke check against {addr}");
-    let api = ApiClient::lazy(addr)?;
+    let api = crate::api_client(addr)?;
 
     let health = tokio::time::timeout(STEP_TIMEOUT, api.handshake()).await;
     let ok = r.step(

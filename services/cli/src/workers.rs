@@ -5,7 +5,6 @@ use std::{collections::HashMap, path::PathBuf, process::ExitCode};
 use anyhow::Context;
 use clap::Subcommand;
 use serde_json::json;
-use virtufin_api_client::ApiClient;
 use virtufin_proto::workmanager::v1::{
     self as pb, code_source::Source, work_manager_client::WorkManagerClient,
 };
@@ -137,7 +136,7 @@ pub async fn run(addr: &str, api: &str, cmd: WorkersCmd) -> anyhow::Result<ExitC
                 .map_err(st)?;
         }
         WorkersCmd::Logs { id } => {
-            let api = ApiClient::lazy(api)?;
+            let api = crate::api_client(api)?;
             let mut s = api
                 .pubsub()
                 .subscribe(virtufin_api_client::pb::SubscribeRequest {
