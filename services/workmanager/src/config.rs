@@ -10,7 +10,10 @@ use clap::Parser;
 pub use virtufin_common::config::ListenUrls;
 use virtufin_common::config::{parse_duration, parse_urls};
 
-use crate::engine::python::PythonOptions;
+use crate::{
+    engine::{native::NativeOptions, python::PythonOptions},
+    source::SourceRules,
+};
 
 /// The default blocked modules: process, network and native-code access.
 /// (The real boundary is the process and the systemd sandbox; this keeps
@@ -41,6 +44,21 @@ pub struct Config {
     /// The Python interpreter for text/x-python workers.
     #[arg(long, env = "VIRTUFIN_WM_PYTHON", default_value = "python3")]
     pub python: PathBuf,
+    /// The host process of native (application/x-native-dll) workers.
+    /// Default: virtufin-worker-host beside this executable.
+    #[arg(long, env = "VIRTUFIN_WORKER_HOST")]
+    pub worker_host: Option<PathBuf>,
+    /// Hosts that code URLs may name, comma-separated; empty: any host with
+    /// a public address. A host on the list may also resolve to private,
+    /// loopback or link-local addresses (nothing else may).
+    #[arg(long, env = "VIRTUFIN_CODE_URL_ALLOW", default_value = "")]
+    pub code_url_allow: String,
+    /// Longest time fetching code from a URL may take.
+    #[arg(long, env = "VIRTUFIN_CODE_FETCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub code_fetch_timeout: Duration,
+    /// The Nix store that nix: code sources must lie in.
+    #[arg(long, env = "VIRTUFIN_NIX_STORE", default_value = "/nix/store")]
+    pub nix_store: PathBuf,
     /// Modules Python workers may not import, comma-separated.
     #[arg(long, env = "VIRTUFIN_WM_PYTHON_BLOCKED_MODULES", default_value = DEFAULT_BLOCKED)]
     pub blocked_modules: String,
@@ -61,8 +79,10 @@ pub struct Config {
     /// Failures of one event before it is dropped (with a worker.error).
     #[arg(long, env = "VIRTUFIN_WM_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
-    /// Largest worker code, in bytes.
-    #[arg(long, env = "VIRTUFIN_WM_MAX_CODE_BYTES", default_value_t = 512 * 1024)]
+    /// Largest worker code, in bytes. Code is kept base64 in the api's
+    /// state, so 3/4 of the api's VIRTUFIN_MAX_VALUE_BYTES (1 MiB) is the
+    /// most that can be stored.
+    #[arg(long, env = "VIRTUFIN_WM_MAX_CODE_BYTES", default_value_t = 760 * 1024)]
     pub max_code_bytes: usize,
     /// Lifetime of the recovery lease.
     #[arg(long, env = "VIRTUFIN_WM_RECOVERY_LEASE", default_value = "300s", value_parser = parse_duration)]
@@ -117,6 +137,40 @@ impl Config {
             ready_timeout: self.ready_timeout,
             memory_limit_bytes: self.memory_limit_mb.saturating_mul(1024 * 1024),
             max_frame_bytes: 16 * 1024 * 1024,
+        }
+    }
+
+    /// The worker host binary in effect.
+    pub fn worker_host_path(&self) -> PathBuf {
+        if let Some(p) = &self.worker_host {
+            return p.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("virtufin-worker-host")))
+            .unwrap_or_else(|| PathBuf::from("/usr/bin/virtufin-worker-host"))
+    }
+
+    pub fn native_options(&self) -> NativeOptions {
+        NativeOptions {
+            host: self.worker_host_path(),
+            ready_timeout: self.ready_timeout,
+            memory_limit_bytes: self.memory_limit_mb.saturating_mul(1024 * 1024),
+            max_frame_bytes: 16 * 1024 * 1024,
+        }
+    }
+
+    pub fn source_rules(&self) -> SourceRules {
+        SourceRules {
+            allow: self
+                .code_url_allow
+                .split(',')
+                .map(|h| h.trim().trim_matches(['[', ']']).to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
+            max_bytes: self.max_code_bytes,
+            timeout: self.code_fetch_timeout,
+            nix_store: self.nix_store.clone(),
         }
     }
 

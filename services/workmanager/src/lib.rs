@@ -2,8 +2,9 @@
 //! own process, fed through the api's acknowledged subscriptions — and
 //! reports their lifecycle. Talks to nothing but the api.
 //!
-//! This build runs Python workers; native and .NET engines are not here
-//! yet (they are refused with a clear status).
+//! This build runs Python workers and native ones (C ABI v1, each in its
+//! own `virtufin-worker-host` process); .NET workers are refused with a
+//! clear status.
 
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ mod grpc;
 mod http;
 pub mod manager;
 pub mod runtime;
+pub mod source;
 
 pub use config::Config;
 pub use serve::Listeners;

@@ -24,6 +24,7 @@ use crate::{
     config::Config,
     engine::{EngineError, Kind},
     runtime::{Running, WorkerSpec},
+    source::{self, SourceKind},
 };
 
 pub const SERVICE: &str = "workmanager";
@@ -270,42 +271,65 @@ impl Shared {
         Ok(())
     }
 
-    /// Checks a code source and returns the code.
-    pub fn check_code(
+    /// Checks a code source and returns the code and how it was given.
+    pub async fn check_code(
         &self,
         kind: Kind,
         content: &[u8],
         url: &str,
         sha256: &str,
-    ) -> Result<Vec<u8>, ApiError> {
-        if !url.is_empty() {
-            return Err(ApiError::new(
-                tonic::Code::Unimplemented,
-                "code from a URL is not supported by this build yet; send the code as content",
-            ));
+    ) -> Result<(Vec<u8>, SourceKind), ApiError> {
+        let (code, source) = if !url.is_empty() {
+            let rules = self.config.source_rules();
+            if let Some(path) = source::nix_path(url) {
+                // sha256 is the NAR hash here, checked by read_nix.
+                (
+                    source::read_nix(&rules, path, sha256).await?,
+                    SourceKind::Nix,
+                )
+            } else {
+                (source::fetch_url(&rules, url).await?, SourceKind::Url)
+            }
+        } else {
+            (content.to_vec(), SourceKind::Content)
+        };
+        if code.is_empty() {
+            return Err(ApiError::invalid(match source {
+                SourceKind::Content => {
+                    "code_source is required: content (bytes) of the worker's code, or a url"
+                        .to_owned()
+                }
+                _ => format!("the code at {url} is empty"),
+            }));
         }
-        if content.is_empty() {
-            return Err(ApiError::invalid(
-                "code_source is required: content (bytes) of the worker's code",
-            ));
-        }
-        if content.len() > self.config.max_code_bytes {
+        if code.len() > self.config.max_code_bytes {
             return Err(ApiError::invalid(format!(
                 "the code is {} bytes; the limit is {}",
-                content.len(),
+                code.len(),
                 self.config.max_code_bytes
             )));
         }
-        if !sha256.is_empty() && !sha256.eq_ignore_ascii_case(&sha256_hex(content)) {
+        if source != SourceKind::Nix
+            && !sha256.is_empty()
+            && !sha256.eq_ignore_ascii_case(&sha256_hex(&code))
+        {
             return Err(ApiError::invalid(format!(
                 "the code's SHA-256 is {}, not {sha256}",
-                sha256_hex(content)
+                sha256_hex(&code)
             )));
         }
-        if kind == Kind::Python && std::str::from_utf8(content).is_err() {
-            return Err(ApiError::invalid("Python code must be UTF-8 text"));
+        match kind {
+            Kind::Python if std::str::from_utf8(&code).is_err() => {
+                return Err(ApiError::invalid("Python code must be UTF-8 text"));
+            }
+            Kind::Native if !code.starts_with(b"\x7fELF") => {
+                return Err(ApiError::invalid(
+                    "application/x-native-dll code must be an ELF shared library (.so) exporting Process and FreeResult",
+                ));
+            }
+            _ => {}
         }
-        Ok(content.to_vec())
+        Ok((code, source))
     }
 
     fn check_engine(&self, mime: &str) -> Result<Kind, ApiError> {
@@ -314,10 +338,17 @@ impl Shared {
             Some(Kind::DotNetDll | Kind::CSharp) => Err(ApiError::failed_precondition(format!(
                 "{mime} needs a .NET runtime (and, for text/x-csharp, the SDK); none is installed for this workmanager"
             ))),
-            Some(Kind::Native) => Err(ApiError::new(
-                tonic::Code::Unimplemented,
-                "application/x-native-dll workers are not supported by this build yet",
-            )),
+            Some(Kind::Native) => {
+                let host = self.config.worker_host_path();
+                if host.is_file() {
+                    Ok(Kind::Native)
+                } else {
+                    Err(ApiError::failed_precondition(format!(
+                        "native workers run in virtufin-worker-host, which is not at {}; install it beside virtufin-workmanager or set VIRTUFIN_WORKER_HOST",
+                        host.display()
+                    )))
+                }
+            }
             None => Err(ApiError::invalid(format!(
                 "unknown mime_type '{mime}': use text/x-python, application/x-native-dll, application/x-dotnet-dll or text/x-csharp"
             ))),
@@ -367,7 +398,7 @@ impl Shared {
             virtufin_common::validate::member("group", group)?;
         }
         Self::check_tags(tags.iter())?;
-        let code = self.check_code(kind, &content, &url, &sha256)?;
+        let (code, source) = self.check_code(kind, &content, &url, &sha256).await?;
         let id = uuid::Uuid::new_v4().to_string();
         let group = if group.is_empty() {
             id.clone()
@@ -391,7 +422,7 @@ impl Shared {
         };
         self.save(&rec).await?;
         self.update_index(&id, true).await?;
-        tracing::info!(target: "audit", worker = %id, mime_type = mime, action = "create", "worker created");
+        tracing::info!(target: "audit", worker = %id, mime_type = mime, source = source.as_str(), action = "create", "worker created");
         self.lifecycle("created", &id, &rec.group, &rec.topic, Map::new())
             .await;
         Ok(id)
@@ -405,6 +436,7 @@ impl Shared {
             topic: rec.topic.clone(),
             group: rec.group.clone(),
             config: rec.config.clone().into_iter().collect(),
+            kind: Kind::from_mime(&rec.mime_type).unwrap_or(Kind::Python),
             code,
         };
         {
@@ -467,12 +499,12 @@ impl Shared {
     ) -> Result<(), ApiError> {
         let (mut rec, _) = self.load(id).await?;
         let kind = Kind::from_mime(&rec.mime_type).unwrap_or(Kind::Python);
-        let code = self.check_code(kind, content, url, sha256)?;
+        let (code, source) = self.check_code(kind, content, url, sha256).await?;
         let n = rec.history.len();
         self.store_code(id, n, &code).await?;
         rec.history.push((now_rfc3339(), sha256_hex(&code)));
         self.save(&rec).await?;
-        tracing::info!(target: "audit", worker = %id, mime_type = %rec.mime_type, action = "load_code", version = n, "worker code replaced");
+        tracing::info!(target: "audit", worker = %id, mime_type = %rec.mime_type, source = source.as_str(), action = "load_code", version = n, "worker code replaced");
         let was_running = self.running.lock().await.remove(id);
         if let Some(r) = was_running {
             r.stop().await;

@@ -16,7 +16,7 @@ use virtufin_api_client::pb::{
 };
 
 use crate::{
-    engine::{EngineError, python::PythonEngine},
+    engine::{Engine, EngineError, Kind},
     manager::Shared,
 };
 
@@ -27,6 +27,7 @@ pub struct WorkerSpec {
     pub topic: String,
     pub group: String,
     pub config: HashMap<String, String>,
+    pub kind: Kind,
     pub code: Vec<u8>,
 }
 
@@ -194,7 +195,7 @@ fn ack(id: &str, status: EventStatus) -> SubscribeTopicEventsRequest {
 
 async fn run(shared: Arc<Shared>, spec: WorkerSpec, cancel: CancellationToken) {
     let dir = shared.config.state_dir.join("workers").join(&spec.id);
-    let mut engine: Option<PythonEngine> = None;
+    let mut engine: Option<Engine> = None;
     let mut attempts: HashMap<String, u32> = HashMap::new();
     let mut backoff = Duration::from_millis(100);
     let mut ping = tokio::time::interval(shared.config.ping_interval);
@@ -254,13 +255,12 @@ async fn handle(
     shared: &Shared,
     spec: &WorkerSpec,
     dir: &std::path::Path,
-    engine: &mut Option<PythonEngine>,
+    engine: &mut Option<Engine>,
     attempts: &mut HashMap<String, u32>,
     ev: &pb::TopicEventRequest,
 ) -> EventStatus {
     if engine.is_none() {
-        match PythonEngine::start(&shared.config.python_options(), &spec.id, &spec.code, dir).await
-        {
+        match Engine::start(spec.kind, &shared.config, &spec.id, &spec.code, dir).await {
             Ok(e) => *engine = Some(e),
             Err(err) => {
                 tracing::warn!(error = %err, "cannot start the worker process");
@@ -273,7 +273,10 @@ async fn handle(
         return EventStatus::Retry;
     };
     let input = event_dict(ev, &spec.config);
-    match e.process(input.clone(), shared.config.event_timeout).await {
+    match e
+        .process(input.clone(), shared.config.event_timeout, &shared.api)
+        .await
+    {
         Ok(None) => {
             attempts.remove(&ev.id);
             EventStatus::Success

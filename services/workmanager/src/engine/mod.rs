@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+pub mod native;
 pub mod python;
 
 /// What can go wrong while running worker code.
@@ -69,6 +70,74 @@ impl Kind {
             Kind::Native => "native",
             Kind::DotNetDll => "dotnet",
             Kind::CSharp => "csharp",
+        }
+    }
+}
+
+/// A running worker process, whichever engine runs it. A .NET engine
+/// would be a third variant: a host process speaking the same frames.
+pub enum Engine {
+    Python(python::PythonEngine),
+    Native(native::NativeEngine),
+}
+
+impl Engine {
+    /// Starts the engine `kind` on `code` in `dir`.
+    pub async fn start(
+        kind: Kind,
+        config: &crate::Config,
+        worker: &str,
+        code: &[u8],
+        dir: &std::path::Path,
+    ) -> Result<Self, EngineError> {
+        match kind {
+            Kind::Python => {
+                python::PythonEngine::start(&config.python_options(), worker, code, dir)
+                    .await
+                    .map(Engine::Python)
+            }
+            Kind::Native => {
+                native::NativeEngine::start(&config.native_options(), worker, code, dir)
+                    .await
+                    .map(Engine::Native)
+            }
+            Kind::DotNetDll | Kind::CSharp => Err(EngineError::Start(format!(
+                "{} workers need a .NET host, which this workmanager does not have",
+                kind.language()
+            ))),
+        }
+    }
+
+    pub async fn process(
+        &mut self,
+        event: serde_json::Value,
+        timeout: Duration,
+        gateway: &dyn native::GatewayCaller,
+    ) -> Result<Option<serde_json::Value>, EngineError> {
+        match self {
+            Engine::Python(e) => e.process(event, timeout).await,
+            Engine::Native(e) => e.process(event, timeout, gateway).await,
+        }
+    }
+
+    pub async fn ping(&mut self, timeout: Duration) -> Result<(), EngineError> {
+        match self {
+            Engine::Python(e) => e.ping(timeout).await,
+            Engine::Native(e) => e.ping(timeout).await,
+        }
+    }
+
+    pub async fn shutdown(self) {
+        match self {
+            Engine::Python(e) => e.shutdown().await,
+            Engine::Native(e) => e.shutdown().await,
+        }
+    }
+
+    pub async fn kill(self) {
+        match self {
+            Engine::Python(e) => e.kill().await,
+            Engine::Native(e) => e.kill().await,
         }
     }
 }
