@@ -16,7 +16,11 @@ use std::{
 use redis::aio::MultiplexedConnection;
 use tokio::{process::Command, sync::Mutex};
 use virtufin_api_client::{ApiClient, pb};
-use virtufin_testkit::{NotifyListener, ValkeyServer, free_port};
+use virtufin_testkit::{
+    NotifyListener, ValkeyServer,
+    bench::{Stats, load, ms, stats},
+    free_port,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtufin-api");
 
@@ -29,61 +33,6 @@ local n = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'data', ARGV[1])
 return n
 ";
-
-#[derive(Clone, Copy)]
-struct Stats {
-    ops_per_s: f64,
-    p50: Duration,
-    p99: Duration,
-}
-
-fn stats(mut lat: Vec<Duration>, elapsed: Duration) -> Stats {
-    lat.sort();
-    let pick = |q: f64| {
-        lat.get(((lat.len() as f64 * q) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or_default()
-    };
-    Stats {
-        ops_per_s: lat.len() as f64 / elapsed.as_secs_f64(),
-        p50: pick(0.50),
-        p99: pick(0.99),
-    }
-}
-
-/// Runs `op` from `conc` tasks for `secs`, collecting per-call latency.
-async fn load<F, Fut>(conc: usize, secs: Duration, op: F) -> Stats
-where
-    F: Fn(usize, u64) -> Fut + Send + Sync + Clone + 'static,
-    Fut: std::future::Future<Output = ()> + Send,
-{
-    let start = Instant::now();
-    let end = start + secs;
-    let mut tasks = Vec::new();
-    for t in 0..conc {
-        let op = op.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = 0u64;
-            while Instant::now() < end {
-                let s = Instant::now();
-                op(t, i).await;
-                lat.push(s.elapsed());
-                i += 1;
-            }
-            lat
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.unwrap());
-    }
-    stats(all, start.elapsed())
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1000.0)
-}
 
 fn row(name: &str, conc: usize, direct: Stats, api: Stats) {
     println!(

@@ -1,7 +1,10 @@
 //! Test support shared by the workspace's tests and benchmarks: real
 //! Valkey/Redis servers and a real `NOTIFY_SOCKET` listener. Panics are the
 //! error reporting here: this crate only ever runs inside tests.
+
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+pub mod bench;
 
 use std::{
     io::{BufRead, BufReader},

@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use virtufin_api_client::{ApiClient, pb};
 use virtufin_proto::websocketmanager::v1 as ws;
-use virtufin_testkit::{NotifyListener, ValkeyServer, free_port};
+use virtufin_testkit::{NotifyListener, ValkeyServer, bench::ms, free_port};
 
 const BIN: &str = env!("CARGO_BIN_EXE_virtufin-websocketmanager");
 
@@ -149,10 +149,6 @@ async fn direct(addr: SocketAddr, n: u64, rate: u64, sent: &Sent) -> Run {
     let r = measure(n as usize, sent, rx).await;
     reader.abort();
     r
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.3}", d.as_secs_f64() * 1000.0)
 }
 
 #[tokio::main(flavor = "multi_thread")]
