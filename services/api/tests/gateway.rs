@@ -930,3 +930,94 @@ async fn cors_is_off_and_auth_is_off_by_default() {
     );
     api.stop().await;
 }
+
+/// A reflection-enabled test service (the api's own Health contract) that
+/// answers UNAVAILABLE to its first `fail_first` calls.
+#[derive(Clone)]
+struct Flaky {
+    calls: Arc<std::sync::atomic::AtomicU32>,
+    fail_first: u32,
+}
+
+#[tonic::async_trait]
+impl pb::health_server::Health for Flaky {
+    async fn health_check(
+        &self,
+        _: tonic::Request<pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<pb::HealthCheckResponse>, tonic::Status> {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        if n <= self.fail_first {
+            return Err(tonic::Status::unavailable(format!("flaky call {n}")));
+        }
+        Ok(tonic::Response::new(pb::HealthCheckResponse {
+            healthy: true,
+            status: format!("answered on call {n}"),
+            ..Default::default()
+        }))
+    }
+}
+
+async fn start_flaky(fail_first: u32) -> (SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(virtufin_proto::API_DESCRIPTOR_SET)
+        .build_v1()
+        .unwrap();
+    let svc = pb::health_server::HealthServer::new(Flaky {
+        calls: calls.clone(),
+        fail_first,
+    });
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(reflection)
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (addr, calls)
+}
+
+#[tokio::test]
+async fn retries_only_calls_marked_safe_with_backoff() {
+    let (safe_addr, safe_calls) = start_flaky(2).await;
+    let (unsafe_addr, unsafe_calls) = start_flaky(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("services.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "services:\n  - name: safe\n    grpc: {{host: 127.0.0.1, port: {}}}\n    resilience: {{retries: 2, retryBackoffMs: 20, retryMethods: ['Health/*']}}\n  - name: unsafe\n    grpc: {{host: 127.0.0.1, port: {}}}\n    resilience: {{retries: 2, retryBackoffMs: 20}}\n",
+            safe_addr.port(),
+            unsafe_addr.port()
+        ),
+    )
+    .unwrap();
+    let api = common::start_with(Kind::Memory, move |c| c.services_config = Some(file)).await;
+    common::ready(&api).await;
+
+    let started = std::time::Instant::now();
+    let r = invoke(&api.client, "safe", "HealthCheck", json!({})).await;
+    assert!(r.success, "{r:?}");
+    assert_eq!(
+        safe_calls.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "two retries"
+    );
+    assert!(r.response_data.contains("answered on call 3"), "{r:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(60),
+        "20 ms then 40 ms of backoff"
+    );
+
+    let r = invoke(&api.client, "unsafe", "HealthCheck", json!({})).await;
+    assert!(!r.success);
+    assert_eq!(r.status, "UNAVAILABLE");
+    assert_eq!(r.message, "flaky call 1");
+    assert_eq!(
+        unsafe_calls.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "not retried"
+    );
+    api.stop().await;
+}
