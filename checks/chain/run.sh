@@ -12,6 +12,11 @@
 #     acknowledged state is lost;
 #   - a reboot keeps state (Valkey appendonly) and the websocketmanager's
 #     connections come back;
+#   - API keys as systemd credentials: the downstream services become ready
+#     presenting their own keys, a call without a key is refused, the
+#     Gateway reaches both downstream services by reflection, a bound key
+#     cannot touch another service's state, the journal's audit lines name
+#     the caller;
 #   - each unit's `systemd-analyze security` exposure is at most 2.0;
 # and prints start-to-ready time and idle RSS. Needs root.
 set -euo pipefail
@@ -194,6 +199,47 @@ sleep 0.5
 in_ct virtufin publish chain-jobs after-reboot >/dev/null
 for _ in $(seq 100); do in_ct sh -c 'kill -0 $(cat /tmp/answer.pid) 2>/dev/null' || break; sleep 0.1; done
 check "... and answers events" in_ct grep -q after-reboot /tmp/answer.out
+
+say "API keys as systemd credentials, and the Gateway"
+# Keys and bindings for the api; each downstream service gets its own key
+# as a credential (its DynamicUser cannot read root's files itself).
+in_ct sh -c 'umask 077; mkdir -p /etc/virtufin/keys
+cat >/etc/virtufin/api-keys.yaml <<EOF
+keys:
+  - {name: admin, key: chain-admin-key-0123456789}
+  - {name: websocketmanager, key: chain-wsm-key-0123456789, services: [websocketmanager]}
+  - {name: workmanager, key: chain-wm-key-0123456789ab, services: [workmanager]}
+EOF
+echo chain-wsm-key-0123456789 >/etc/virtufin/keys/websocketmanager
+echo chain-wm-key-0123456789ab >/etc/virtufin/keys/workmanager
+umask 022
+cat >/etc/virtufin/services.json <<EOF
+{"services": [
+  {"name": "websocketmanager", "grpc": {"host": "127.0.0.1", "port": 5202, "reflectionEnabled": true}},
+  {"name": "workmanager", "grpc": {"host": "127.0.0.1", "port": 5102, "reflectionEnabled": true}}
+]}
+EOF
+d=/etc/systemd/system
+mkdir -p $d/virtufin-api.service.d $d/virtufin-websocketmanager.service.d $d/virtufin-workmanager.service.d
+printf "[Service]\nLoadCredential=api-keys:/etc/virtufin/api-keys.yaml\nEnvironment=SERVICES_CONFIG_PATH=/etc/virtufin/services.json\n" >$d/virtufin-api.service.d/keys.conf
+printf "[Service]\nLoadCredential=api-key:/etc/virtufin/keys/websocketmanager\n" >$d/virtufin-websocketmanager.service.d/key.conf
+printf "[Service]\nLoadCredential=api-key:/etc/virtufin/keys/workmanager\n" >$d/virtufin-workmanager.service.d/key.conf
+systemctl daemon-reload'
+in_ct systemctl restart virtufin-api
+in_ct systemctl restart virtufin-websocketmanager virtufin-workmanager
+check "the api is active with keys required" wait_active virtufin-api
+check "the websocketmanager is ready with its own key" wait_active virtufin-websocketmanager
+check "the workmanager is ready with its own key" wait_active virtufin-workmanager
+no_key=$(in_ct grpcurl -plaintext -d '{"topic":"t","data":"x"}' virtufin-api:5002 virtufin.api.v1.Pubsub/PublishEvent 2>&1 || true)
+check "grpcurl without a key: Unauthenticated" grep -q Unauthenticated <<<"$no_key"
+methods=$(in_ct grpcurl -plaintext -H 'x-api-key: chain-admin-key-0123456789' -d '{"service":"workmanager"}' virtufin-api:5002 virtufin.api.v1.Gateway/ListMethods 2>&1 || true)
+check "grpcurl with a key: the Gateway lists the workmanager's methods by reflection" grep -q CreateWorker <<<"$methods"
+listed=$(in_ct virtufin --api-key chain-admin-key-0123456789 gateway invoke websocketmanager List 2>&1 || true)
+check "the CLI calls the websocketmanager's List through the Gateway" grep -q connections <<<"$listed"
+denied=$(in_ct virtufin --api-key chain-wsm-key-0123456789 state get workmanager anything 2>&1 || true)
+check "the websocketmanager's key cannot read the workmanager's state" grep -q PermissionDenied <<<"$denied"
+audit=$(in_ct journalctl -u virtufin-api -o verbose --no-pager 2>/dev/null | grep -c 'F_CALLER=websocketmanager' || true)
+check "audit lines in the journal name the websocketmanager as caller ($audit)" test "${audit:-0}" -gt 0
 
 say "security exposure (systemd-analyze security)"
 for u in $UNITS; do

@@ -59,7 +59,14 @@ impl LinkArgs {
         if self.api_host.is_empty() {
             return Err("VIRTUFIN_API_HOST must not be empty".into());
         }
-        let key = match &self.api_key_file {
+        // Without a setting, a systemd credential named "api-key" is used.
+        let file = self.api_key_file.clone().or_else(|| {
+            self.api_key
+                .is_none()
+                .then(|| virtufin_common::config::credential("api-key"))
+                .flatten()
+        });
+        let key = match &file {
             Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
                 format!("VIRTUFIN_API_KEY_FILE: cannot read {}: {e}", path.display())
             })?),

@@ -107,9 +107,13 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.check().map_err(RunError::Config)?;
+    // Without a file setting, a systemd credential named "api-keys" is used.
+    let keys_file = config
+        .api_keys_file
+        .clone()
+        .or_else(|| virtufin_common::config::credential("api-keys"));
     let keys = Arc::new(
-        ApiKeys::load(config.api_keys_file.as_deref())
-            .map_err(|e| RunError::Config(e.to_string()))?,
+        ApiKeys::load(keys_file.as_deref()).map_err(|e| RunError::Config(e.to_string()))?,
     );
     if keys.enabled() {
         tracing::info!(keys = ?keys.names(), "API keys required (x-api-key)");

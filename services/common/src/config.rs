@@ -147,6 +147,14 @@ impl ListenUrls {
 }
 
 /// clap value parser for [`ListenUrls`].
+/// The systemd credential `name` (`LoadCredential=name:...`) of this
+/// service, if it has one: `$CREDENTIALS_DIRECTORY/name`.
+pub fn credential(name: &str) -> Option<std::path::PathBuf> {
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY")?;
+    let path = std::path::Path::new(&dir).join(name);
+    path.is_file().then_some(path)
+}
+
 pub fn parse_urls(s: &str) -> Result<ListenUrls, String> {
     parse_listen_urls(s)
         .map(ListenUrls)
