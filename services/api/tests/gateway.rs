@@ -240,6 +240,12 @@ async fn invoke_err(c: &ApiClient, service: &str, method: &str, data: &str) -> t
         .unwrap_err()
 }
 
+/// Asserts a refusal's code and that its message says `needle`.
+fn refused(e: &tonic::Status, code: tonic::Code, needle: &str) {
+    assert_eq!(e.code(), code, "{}", e.message());
+    assert!(e.message().contains(needle), "{}", e.message());
+}
+
 // --- tests -----------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -474,60 +480,38 @@ async fn gateway_refuses_bad_requests_and_protects_itself_from_bad_backends() {
     let c = s.client(Some(ADMIN_KEY));
 
     let e = invoke_err(&c, "nosuch", "List", "{}").await;
-    assert_eq!(e.code(), tonic::Code::NotFound);
-    assert!(
-        e.message().contains("configured: backendapi"),
-        "{}",
-        e.message()
-    );
+    refused(&e, tonic::Code::NotFound, "configured: backendapi");
+    // Lists what exists.
     let e = invoke_err(&c, "websocketmanager", "Frobnicate", "{}").await;
-    assert_eq!(e.code(), tonic::Code::NotFound);
-    assert!(
-        e.message().contains("WebSocketManager/Connect"),
-        "lists what exists: {}",
-        e.message()
-    );
+    refused(&e, tonic::Code::NotFound, "WebSocketManager/Connect");
     let e = invoke_err(&c, "websocketmanager", "Connect", "{\"url\": ").await;
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
-    assert!(
-        e.message()
-            .contains("not valid JSON for virtufin.websocketmanager.v1.ConnectRequest"),
-        "{}",
-        e.message()
-    );
-    let e = invoke_err(&c, "websocketmanager", "Connect", r#"{"uri": "ws://x"}"#).await;
-    assert_eq!(
-        e.code(),
+    refused(
+        &e,
         tonic::Code::InvalidArgument,
-        "unknown field: {}",
-        e.message()
+        "not valid JSON for virtufin.websocketmanager.v1.ConnectRequest",
     );
+    // An unknown field, a wrong type.
+    let e = invoke_err(&c, "websocketmanager", "Connect", r#"{"uri": "ws://x"}"#).await;
+    refused(&e, tonic::Code::InvalidArgument, "uri");
     let e = invoke_err(&c, "websocketmanager", "Connect", r#"{"url": 5}"#).await;
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    refused(&e, tonic::Code::InvalidArgument, "ConnectRequest");
     let e = invoke_err(&c, "backendapi", "SubscribeTopicEvents", "{}").await;
-    assert_eq!(
-        e.code(),
-        tonic::Code::Unimplemented,
-        "bidi streaming: {}",
-        e.message()
-    );
+    refused(&e, tonic::Code::Unimplemented, "client-streaming");
     let e = invoke_err(&c, "", "List", "{}").await;
-    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    refused(&e, tonic::Code::InvalidArgument, "service is required");
 
     // A backend without reflection, and one with reflection switched off.
     let e = invoke_err(&c, "noreflect", "Check", "{}").await;
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        e.message().contains("does not serve gRPC reflection"),
-        "{}",
-        e.message()
+    refused(
+        &e,
+        tonic::Code::FailedPrecondition,
+        "does not serve gRPC reflection",
     );
     let e = invoke_err(&c, "disabled", "Check", "{}").await;
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
-    assert!(
-        e.message().contains("reflectionEnabled: false"),
-        "{}",
-        e.message()
+    refused(
+        &e,
+        tonic::Code::FailedPrecondition,
+        "reflectionEnabled: false",
     );
     let _ = s.noreflect;
 

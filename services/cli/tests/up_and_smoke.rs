@@ -94,7 +94,7 @@ async fn up_then_smoke_then_ctrl_c() {
 
     // The websocketmanager is up too, after the api: drive it from the CLI
     // against a WebSocket peer of this test.
-    let peer = echo_peer().await;
+    let peer = virtufin_testkit::ws_echo().await;
     let out = Command::new(CLI)
         .args(["ws", "connect", &peer])
         .output()
@@ -223,28 +223,6 @@ impl Drop for StopOnDrop {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
-}
-
-/// A WebSocket echo peer; returns its URL.
-async fn echo_peer() -> String {
-    use futures_util::{SinkExt, StreamExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("ws://{}/", l.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    url
 }
 
 #[tokio::test]
