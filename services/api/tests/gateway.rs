@@ -941,31 +941,38 @@ impl pb::health_server::Health for Flaky {
     }
 }
 
-async fn start_flaky(fail_first: u32) -> (SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
+/// `v1alpha_only`: serves only the older reflection service (as grpcurl
+/// 1.8-era servers do), so discovery must fall back to it.
+async fn start_flaky(
+    fail_first: u32,
+    v1alpha_only: bool,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicU32>) {
     let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(virtufin_proto::API_DESCRIPTOR_SET)
-        .build_v1()
-        .unwrap();
+        .register_encoded_file_descriptor_set(virtufin_proto::API_DESCRIPTOR_SET);
     let svc = pb::health_server::HealthServer::new(Flaky {
         calls: calls.clone(),
         fail_first,
     });
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(reflection)
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder().add_service(svc);
+    if v1alpha_only {
+        let r = reflection.build_v1alpha().unwrap();
+        tokio::spawn(server.add_service(r).serve_with_incoming(incoming));
+    } else {
+        let r = reflection.build_v1().unwrap();
+        tokio::spawn(server.add_service(r).serve_with_incoming(incoming));
+    }
     (addr, calls)
 }
 
 #[tokio::test]
-async fn retries_only_calls_marked_safe_with_backoff() {
-    let (safe_addr, safe_calls) = start_flaky(2).await;
-    let (unsafe_addr, unsafe_calls) = start_flaky(2).await;
+async fn retries_only_calls_marked_safe_with_backoff_and_v1alpha_reflection_works() {
+    let (safe_addr, safe_calls) = start_flaky(2, false).await;
+    // Its methods are learnt through v1alpha reflection.
+    let (unsafe_addr, unsafe_calls) = start_flaky(2, true).await;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("services.yaml");
     std::fs::write(
