@@ -123,9 +123,21 @@ async fn a_devkit_worker_answers_with_config_correlation_and_the_gateway() {
         "{d}"
     );
 
-    // gateway_call: worker → host → workmanager → the api's Gateway and
-    // back. No backend "nosuch" is configured, so the api's refusal comes
-    // back to the worker, which answers it in its envelope.
+    // gateway_call: worker → host → workmanager → the api's Gateway →
+    // a backend (the api itself, see common::stack) and back.
+    publish(
+        &s.api,
+        "echo-jobs",
+        r#"{"command":"gateway","service":"api","method":"Health/HealthCheck","request":{}}"#,
+        &[],
+    )
+    .await;
+    let d = data(&next(&mut answers).await);
+    assert_eq!(d["success"], true, "{d}");
+    assert_eq!(d["response"]["healthy"], true, "{d}");
+
+    // A backend that is not configured: the api's refusal comes back to
+    // the worker (non-zero gateway_call), which answers it in its envelope.
     publish(
         &s.api,
         "echo-jobs",

@@ -34,6 +34,18 @@ pub async fn stack() -> Stack {
     c.retry_delay = Duration::from_millis(50);
     let listeners = virtufin_api::bind(&c).await.unwrap();
     let api_addr = listeners.grpc_addr().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    // One Gateway backend, the api itself (it serves reflection), so that
+    // workers' gateway calls have somewhere real to go.
+    let services = state.path().join("services.json");
+    std::fs::write(
+        &services,
+        serde_json::json!({"services": [{"name": "api", "grpc": {
+            "host": "127.0.0.1", "port": api_addr.port(), "reflectionEnabled": true}}]})
+        .to_string(),
+    )
+    .unwrap();
+    c.services_config = Some(services);
     let api_stop = CancellationToken::new();
     tokio::spawn(virtufin_api::run(c, listeners, api_stop.clone()));
     let api = ApiClient::lazy(&api_addr.to_string()).unwrap();
@@ -43,7 +55,7 @@ pub async fn stack() -> Stack {
         api,
         api_addr,
         api_stop,
-        state: tempfile::tempdir().unwrap(),
+        state,
     }
 }
 
