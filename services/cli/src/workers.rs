@@ -11,15 +11,26 @@ use virtufin_proto::workmanager::v1::{
 
 #[derive(Debug, Subcommand)]
 pub enum WorkersCmd {
-    /// Creates a worker from a code file; prints its id.
+    /// Creates a worker from a code file or URL; prints its id.
     Create {
-        /// The worker's code (for Python: a module defining Process(event)).
-        file: PathBuf,
+        /// The worker's code: for Python a module defining Process(event),
+        /// for native workers a .so exporting Process and FreeResult.
+        #[arg(required_unless_present = "url", conflicts_with = "url")]
+        file: Option<PathBuf>,
+        /// Fetch the code instead: http(s)://… (the workmanager's
+        /// VIRTUFIN_CODE_URL_ALLOW applies) or nix:/nix/store/… (with --sha256
+        /// the store path's NAR hash, sha256-<base64>).
+        #[arg(long)]
+        url: Option<String>,
+        /// Hex SHA-256 the code must have (for nix: the NAR hash).
+        #[arg(long, default_value = "")]
+        sha256: String,
         /// The topic it consumes.
         #[arg(long)]
         topic: String,
-        #[arg(long, default_value = "text/x-python")]
-        mime_type: String,
+        /// Default: application/x-native-dll for a .so, text/x-python otherwise.
+        #[arg(long)]
+        mime_type: Option<String>,
         /// Consumer group (default: the worker's id).
         #[arg(long, default_value = "")]
         group: String,
@@ -69,6 +80,8 @@ pub async fn run(addr: &str, api: &str, cmd: WorkersCmd) -> anyhow::Result<ExitC
     match cmd {
         WorkersCmd::Create {
             file,
+            url,
+            sha256,
             topic,
             mime_type,
             group,
@@ -76,13 +89,31 @@ pub async fn run(addr: &str, api: &str, cmd: WorkersCmd) -> anyhow::Result<ExitC
             tags,
             start,
         } => {
-            let code =
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let named = file
+                .as_ref()
+                .map(|f| f.display().to_string())
+                .or(url.clone())
+                .unwrap_or_default();
+            let mime_type = mime_type.unwrap_or_else(|| {
+                if named.ends_with(".so") {
+                    "application/x-native-dll".into()
+                } else {
+                    "text/x-python".into()
+                }
+            });
+            let source = match (file, url) {
+                (Some(file), _) => Source::Content(
+                    std::fs::read(&file)
+                        .with_context(|| format!("cannot read {}", file.display()))?,
+                ),
+                (None, Some(url)) => Source::Url(url),
+                (None, None) => anyhow::bail!("give a code file or --url"),
+            };
             let id = c
                 .create_worker(pb::CreateWorkerRequest {
                     code_source: Some(pb::CodeSource {
-                        source: Some(Source::Content(code)),
-                        sha256: String::new(),
+                        source: Some(source),
+                        sha256,
                     }),
                     mime_type,
                     topic,
