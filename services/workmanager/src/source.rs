@@ -12,7 +12,8 @@
 //!   (or `file:///nix/store/...`) — the proto has no field of its own for
 //!   it and its field numbers are a contract — and `sha256` holds the store
 //!   path's NAR hash, required, as SRI `sha256-<base64>` (what
-//!   `nix path-info --json` prints) or 64 hex digits. The path is resolved
+//!   `nix path-info --json` prints), `sha256:<nix base-32>` or 64 hex
+//!   digits. The path is resolved
 //!   (symlinks followed) and must stay inside the store; the whole store
 //!   path is serialised as a NAR and hashed, and the code is the file the
 //!   URL names inside it.
@@ -207,13 +208,41 @@ pub fn nix_path(raw: &str) -> Option<&str> {
         .or_else(|| raw.strip_prefix("file://"))
 }
 
-/// Parses a NAR hash: SRI `sha256-<base64>` or 64 hex digits.
+/// Nix's base-32 (its own alphabet, least significant digit last).
+fn nix32_decode(s: &str) -> Option<[u8; 32]> {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    if s.len() != 52 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (n, c) in s.bytes().rev().enumerate() {
+        let digit = ALPHABET.iter().position(|&a| a == c)? as u16;
+        let (i, j) = (n * 5 / 8, n * 5 % 8);
+        let v = digit << j;
+        out[i] |= (v & 0xff) as u8;
+        let high = (v >> 8) as u8;
+        if i + 1 < 32 {
+            out[i + 1] |= high;
+        } else if high != 0 {
+            return None;
+        }
+    }
+    Some(out)
+}
+
+/// Parses a NAR hash: SRI `sha256-<base64>`, `sha256:<nix base-32>` (or
+/// the 52 base-32 digits alone, as `nix-hash --type sha256 --base32`
+/// prints), or 64 hex digits.
 fn parse_nar_hash(h: &str) -> Result<[u8; 32], ApiError> {
     let bad = || {
         ApiError::invalid(format!(
-            "sha256 must be the store path's NAR hash, as SRI 'sha256-<base64>' (nix path-info --json) or 64 hex digits; got '{h}'"
+            "sha256 must be the store path's NAR hash: SRI 'sha256-<base64>' (nix path-info --json), 'sha256:<base-32>' or 64 hex digits; got '{h}'"
         ))
     };
+    let b32 = h.strip_prefix("sha256:").unwrap_or(h);
+    if b32.len() == 52 {
+        return nix32_decode(b32).ok_or_else(bad);
+    }
     let bytes = if let Some(b64) = h.strip_prefix("sha256-") {
         base64::engine::general_purpose::STANDARD
             .decode(b64)
@@ -359,8 +388,17 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode([7u8; 32])
         );
         assert_eq!(parse_nar_hash(&sri).unwrap(), [7u8; 32]);
+        // nix-hash --type sha256 --base32 and sha256sum of nix-store --dump
+        // on the same directory.
+        let b32 = "1pwysh4c965phixr8srp0nph993ah9nwc7qhzx71nd3dbiksxs31";
+        let want = "61e8ae675c6d341b4eff101fc66d826aa404af05376b947b84b798c408d49edf";
+        assert_eq!(hex(&parse_nar_hash(b32).unwrap()), want);
+        assert_eq!(
+            hex(&parse_nar_hash(&format!("sha256:{b32}")).unwrap()),
+            want
+        );
         assert!(
-            parse_nar_hash("sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s").is_err()
+            parse_nar_hash("sha256:epwysh4c965phixr8srp0nph993ah9nwc7qhzx71nd3dbiksxs31").is_err()
         );
         assert!(parse_nar_hash("sha256-short").is_err());
     }

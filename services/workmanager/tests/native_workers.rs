@@ -406,14 +406,29 @@ async fn code_comes_from_allowed_urls_and_pinned_nix_store_paths() {
     std::fs::create_dir_all(item.join("lib")).unwrap();
     std::fs::write(item.join("lib/libtestlib.so"), &so).unwrap();
     std::os::unix::fs::symlink("/etc/hostname", item.join("lib/escape")).unwrap();
+    std::fs::write(item.join("run"), "#!/bin/sh\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(item.join("run"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nar = {
+        let mut enc = nix_nar::Encoder::new(&item).unwrap();
+        let mut b = Vec::new();
+        std::io::Read::read_to_end(&mut enc, &mut b).unwrap();
+        b
+    };
+    // Where Nix itself is installed, its serialisation must be the same.
+    if let Ok(out) = std::process::Command::new("nix-store")
+        .arg("--dump")
+        .arg(&item)
+        .output()
+        && out.status.success()
+    {
+        assert!(out.stdout == nar, "nix-nar and nix-store --dump differ");
+    }
     let nar_hash = {
         use sha2::Digest;
-        let mut enc = nix_nar::Encoder::new(&item).unwrap();
-        let mut h = sha2::Sha256::new();
-        std::io::copy(&mut enc, &mut h).unwrap();
         format!(
             "sha256-{}",
-            base64::engine::general_purpose::STANDARD.encode(h.finalize())
+            base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(&nar))
         )
     };
     let store_root = store.path().to_path_buf();
