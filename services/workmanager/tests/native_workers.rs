@@ -63,7 +63,7 @@ async fn next_error(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_devkit_worker_answers_with_config_correlation_and_the_gateway() {
+async fn a_devkit_worker_answers_with_config_correlation_gateway_and_hot_swap() {
     let s = stack().await;
     let mut status = subscribe(&s.api, "workmanager.workerstatus").await;
     let mut answers = subscribe(&s.api, "com.virtufin.example.echo.reply").await;
@@ -150,6 +150,21 @@ async fn a_devkit_worker_answers_with_config_correlation_and_the_gateway() {
     let msg = d["message"].as_str().unwrap();
     assert!(msg.starts_with("gateway call failed (1): "), "{msg}");
     assert!(msg.contains("nosuch"), "{msg}");
+
+    // Hot swap: LoadCode with another library restarts the worker on it.
+    let mut swapped = subscribe(&s.api, "testlib.answers").await;
+    w.client
+        .load_code(pb::LoadCodeRequest {
+            id: id.clone(),
+            code_source: Some(pb::CodeSource {
+                source: Some(Source::Content(library("virtufin_worker_testlib"))),
+                sha256: String::new(),
+            }),
+        })
+        .await
+        .unwrap();
+    publish(&s.api, "echo-jobs", "swapped", &[]).await;
+    assert_eq!(data(&next(&mut swapped).await), json!({"echo": "swapped"}));
 
     let list = w
         .client
