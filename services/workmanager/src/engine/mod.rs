@@ -5,6 +5,16 @@ use std::time::Duration;
 pub mod native;
 pub mod python;
 
+/// The framing both engines speak with their worker processes: a 4-byte
+/// big-endian length, then the frame (`virtufin_worker_abi::frame`).
+pub(crate) fn codec(max_frame_bytes: usize) -> tokio_util::codec::LengthDelimitedCodec {
+    tokio_util::codec::LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .big_endian()
+        .max_frame_length(max_frame_bytes)
+        .new_codec()
+}
+
 /// What can go wrong while running worker code.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {

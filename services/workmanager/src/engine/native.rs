@@ -169,14 +169,9 @@ impl NativeEngine {
             ))),
         };
         let _ = tokio::fs::remove_file(&sock_path).await;
-        let codec = LengthDelimitedCodec::builder()
-            .length_field_length(4)
-            .big_endian()
-            .max_frame_length(options.max_frame_bytes)
-            .new_codec();
         let mut engine = Self {
             child,
-            conn: Framed::new(stream, codec),
+            conn: Framed::new(stream, super::codec(options.max_frame_bytes)),
             worker: worker.to_owned(),
         };
         match engine.recv(options.ready_timeout).await? {

@@ -13,13 +13,14 @@ use std::{
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     net::{UnixListener, UnixStream},
     process::{Child, Command},
 };
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use virtufin_worker_abi::frame::Frame;
 
 use super::EngineError;
 
@@ -118,41 +119,38 @@ impl PythonEngine {
                 )));
             }
         };
-        let codec = LengthDelimitedCodec::builder()
-            .length_field_length(4)
-            .big_endian()
-            .max_frame_length(options.max_frame_bytes)
-            .new_codec();
         let mut engine = Self {
             child,
-            conn: Framed::new(stream, codec),
+            conn: Framed::new(stream, super::codec(options.max_frame_bytes)),
             worker: worker.to_owned(),
         };
         match engine.recv(options.ready_timeout).await? {
-            f if f["type"] == "ready" => Ok(engine),
-            f if f["type"] == "error" => Err(EngineError::Load {
-                error_type: f["error_type"].as_str().unwrap_or("Error").to_owned(),
-                message: f["message"].as_str().unwrap_or("").to_owned(),
+            Frame::Ready => Ok(engine),
+            Frame::Error {
+                error_type,
+                message,
+            } => Err(EngineError::Load {
+                error_type,
+                message,
             }),
-            f => Err(EngineError::Protocol(format!("expected ready, got {f}"))),
+            f => Err(EngineError::Protocol(format!("expected ready, got {f:?}"))),
         }
     }
 
-    async fn send(&mut self, frame: Value) -> Result<(), EngineError> {
-        let body = serde_json::to_vec(&frame).map_err(|e| EngineError::Protocol(e.to_string()))?;
+    async fn send(&mut self, frame: &Frame) -> Result<(), EngineError> {
         self.conn
-            .send(Bytes::from(body))
+            .send(Bytes::from(frame.to_bytes()))
             .await
             .map_err(|e| self.crashed(e.to_string()))
     }
 
-    async fn recv(&mut self, timeout: Duration) -> Result<Value, EngineError> {
+    async fn recv(&mut self, timeout: Duration) -> Result<Frame, EngineError> {
         match tokio::time::timeout(timeout, self.conn.next()).await {
             Err(_) => Err(EngineError::Timeout(timeout)),
             Ok(None) => Err(self.crashed("the worker process closed its socket".into())),
             Ok(Some(Err(e))) => Err(self.crashed(e.to_string())),
-            Ok(Some(Ok(b))) => serde_json::from_slice(&b)
-                .map_err(|e| EngineError::Protocol(format!("a frame is not JSON: {e}"))),
+            Ok(Some(Ok(b))) => Frame::from_bytes(&b)
+                .map_err(|e| EngineError::Protocol(format!("a frame is not a known frame: {e}"))),
         }
     }
 
@@ -170,34 +168,35 @@ impl PythonEngine {
         event: Value,
         timeout: Duration,
     ) -> Result<Option<Value>, EngineError> {
-        self.send(json!({"type": "process", "event": event}))
-            .await?;
-        let f = self.recv(timeout).await?;
-        match f["type"].as_str() {
-            Some("result") => Ok(match &f["event"] {
-                Value::Null => None,
-                v => Some(v.clone()),
+        self.send(&Frame::Process { event }).await?;
+        match self.recv(timeout).await? {
+            Frame::Result {
+                event: Value::Null, ..
+            } => Ok(None),
+            Frame::Result { event, .. } => Ok(Some(event)),
+            Frame::Error {
+                error_type,
+                message,
+            } => Err(EngineError::User {
+                error_type,
+                message,
             }),
-            Some("error") => Err(EngineError::User {
-                error_type: f["error_type"].as_str().unwrap_or("Error").to_owned(),
-                message: f["message"].as_str().unwrap_or("").to_owned(),
-            }),
-            _ => Err(EngineError::Protocol(format!("expected result, got {f}"))),
+            f => Err(EngineError::Protocol(format!("expected result, got {f:?}"))),
         }
     }
 
     /// `ping` → `pong` within `timeout`: the process is alive and not hung.
     pub async fn ping(&mut self, timeout: Duration) -> Result<(), EngineError> {
-        self.send(json!({"type": "ping"})).await?;
+        self.send(&Frame::Ping).await?;
         match self.recv(timeout).await? {
-            f if f["type"] == "pong" => Ok(()),
-            f => Err(EngineError::Protocol(format!("expected pong, got {f}"))),
+            Frame::Pong => Ok(()),
+            f => Err(EngineError::Protocol(format!("expected pong, got {f:?}"))),
         }
     }
 
     /// Asks the process to stop; kills it if it does not within 2 s.
     pub async fn shutdown(mut self) {
-        let _ = self.send(json!({"type": "shutdown"})).await;
+        let _ = self.send(&Frame::Shutdown).await;
         if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
             .await
             .is_err()
