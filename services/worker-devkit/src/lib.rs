@@ -472,3 +472,111 @@ macro_rules! export_worker {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    enum Cmd {
+        Ping,
+    }
+
+    impl Command for Cmd {
+        const NAMES: &'static [&'static str] = &["ping"];
+        fn from_name(name: &str) -> Option<Self> {
+            (name == "ping").then_some(Cmd::Ping)
+        }
+    }
+
+    #[derive(Default)]
+    struct Pinger;
+
+    impl CommandWorker for Pinger {
+        type Command = Cmd;
+        fn source(&self) -> &str {
+            "urn:test"
+        }
+        fn response_type(&self) -> &str {
+            "test.reply"
+        }
+        fn handle_command(
+            &mut self,
+            ctx: &Context,
+            _input: &Event,
+            _c: Cmd,
+            data: Value,
+        ) -> Result<Option<Value>, WorkerError> {
+            if data["boom"] == true {
+                panic!("boom");
+            }
+            // No gateway in this host: the call fails cleanly.
+            let g = ctx.gateway_call("s", "m", "{}").unwrap_err();
+            Ok(Some(json!({"pong": true, "gateway": g.code})))
+        }
+    }
+
+    /// Runs `Process` the way an engine does and decodes the answer.
+    fn call(slot: &Mutex<Option<Pinger>>, data: &str) -> Response {
+        let host = VirtufinHost {
+            engine_ptr: std::ptr::null_mut(),
+            abi_version: ABI_VERSION,
+            log: None,
+            gateway_call: None,
+            free_response: None,
+        };
+        let input = Event {
+            id: "1".into(),
+            datacontenttype: "application/json".into(),
+            data: data.as_bytes().to_vec(),
+            extensions: vec![(CORRELATION_ID.into(), "c-9".into())],
+            ..Default::default()
+        }
+        .encode();
+        let (mut out, mut len) = (std::ptr::null_mut(), 0);
+        // SAFETY: valid pointers for the duration of the call.
+        let rc = unsafe {
+            __process(
+                slot,
+                Pinger::default,
+                &host,
+                input.as_ptr(),
+                input.len() as i32,
+                &mut out,
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0);
+        // SAFETY: `out` holds `len` bytes from __process.
+        let bytes = unsafe { std::slice::from_raw_parts(out, len as usize) }.to_vec();
+        // SAFETY: `out` came from __process and is freed once.
+        unsafe { __free_result(out) };
+        Response::decode(&bytes).unwrap()
+    }
+
+    #[test]
+    fn commands_answers_errors_and_panics() {
+        let slot = Mutex::new(None);
+        let r = call(&slot, r#"{"command":"PING"}"#);
+        let e = r.event.unwrap();
+        assert_eq!(
+            (e.r#type.as_str(), e.source.as_str()),
+            ("test.reply", "urn:test")
+        );
+        assert_eq!(e.extension(CORRELATION_ID), Some("c-9"));
+        assert!(!e.time.is_empty() && !e.id.is_empty());
+        let v: Value = serde_json::from_slice(&e.data).unwrap();
+        assert_eq!(v, json!({"pong": true, "gateway": -1}));
+
+        let r = call(&slot, r#"{"command":"jump"}"#);
+        let v: Value = serde_json::from_slice(&r.event.unwrap().data).unwrap();
+        assert_eq!(v["success"], false);
+        assert_eq!(v["message"], "unknown command 'jump'; known: ping");
+        assert!(r.error.is_none());
+
+        let r = call(&slot, r#"{"command":"ping","boom":true}"#);
+        assert_eq!(r.error.as_deref(), Some("the handler panicked: boom"));
+        // The worker survives its panic.
+        assert!(call(&slot, r#"{"command":"ping"}"#).event.is_some());
+    }
+}
