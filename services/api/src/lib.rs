@@ -112,9 +112,8 @@ pub async fn run(
         .api_keys_file
         .clone()
         .or_else(|| virtufin_common::config::credential("api-keys"));
-    let keys = Arc::new(
-        ApiKeys::load(keys_file.as_deref()).map_err(|e| RunError::Config(e.to_string()))?,
-    );
+    let keys =
+        Arc::new(ApiKeys::load(keys_file.as_deref()).map_err(|e| RunError::Config(e.to_string()))?);
     if keys.enabled() {
         tracing::info!(keys = ?keys.names(), "API keys required (x-api-key)");
     } else {
