@@ -49,7 +49,8 @@ need systemd-nspawn systemd-container
 command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked --quiet cargo-deb; }
 
 say "building release binaries and the .deb"
-cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocketmanager -p virtufin-workmanager -p virtufin-worker-host -p virtufin-testkit --bins
+# The workmanager package also builds virtufin-worker-host (its native host).
+cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocketmanager -p virtufin-workmanager -p virtufin-testkit --bins
 cargo deb -p virtufin --no-build --locked >/dev/null
 DEB=$(ls -t target/debian/virtufin_*.deb | head -1)
 pass "cargo deb -p virtufin built $(basename "$DEB")"
