@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 use virtufin_common::{
     Health,
+    audit::Origin,
     auth::{Caller, caller_of},
 };
 use virtufin_gateway::{Gateway, GatewayError, Invocation, full_method_name, message_schema};
@@ -76,6 +77,7 @@ impl GatewayApi {
         method: String,
         request_json: String,
         timeout_ms: u32,
+        origin: Origin,
     ) -> Result<Invocation, ApiError> {
         check_names(&service, Some(&method))?;
         caller.require(&service)?;
@@ -85,6 +87,7 @@ impl GatewayApi {
             request_json,
             timeout: (timeout_ms > 0).then(|| Duration::from_millis(u64::from(timeout_ms))),
             caller: Some(caller.name().to_owned()),
+            correlation_id: Some(origin.correlation_id),
         })
     }
 
@@ -100,6 +103,7 @@ impl GatewayApi {
             caller = caller.name(),
             service = %inv.service,
             method = %inv.method,
+            correlation_id = inv.correlation_id.as_deref().unwrap_or_default(),
             outcome = %match &out { Ok(_) => "OK".to_owned(), Err(e) => code_name(e.status().code()) },
             action = "invoke",
             "gateway call"
@@ -213,10 +217,16 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         req: Request<InvokeRequest>,
     ) -> Result<Response<InvokeResponse>, Status> {
-        let caller = caller_of(&req);
+        let (caller, origin) = (caller_of(&req), Origin::of(&req));
         let r = req.into_inner();
-        let inv =
-            GatewayApi::invocation(&caller, r.service, r.method, r.request_data, r.timeout_ms)?;
+        let inv = GatewayApi::invocation(
+            &caller,
+            r.service,
+            r.method,
+            r.request_data,
+            r.timeout_ms,
+            origin,
+        )?;
         Ok(Response::new(match self.0.invoke(&caller, &inv).await? {
             Ok(json) => ok_response(json),
             Err(s) => failed_response(&s),
@@ -227,10 +237,16 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         req: Request<InvokeJsonRequest>,
     ) -> Result<Response<InvokeJsonResponse>, Status> {
-        let caller = caller_of(&req);
+        let (caller, origin) = (caller_of(&req), Origin::of(&req));
         let r = req.into_inner();
-        let inv =
-            GatewayApi::invocation(&caller, r.service, r.method, r.request_data, r.timeout_ms)?;
+        let inv = GatewayApi::invocation(
+            &caller,
+            r.service,
+            r.method,
+            r.request_data,
+            r.timeout_ms,
+            origin,
+        )?;
         let json = self.0.invoke(&caller, &inv).await??;
         Ok(Response::new(InvokeJsonResponse {
             success: true,
@@ -246,11 +262,17 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         req: Request<InvokeRequest>,
     ) -> Result<Response<Self::InvokeStreamStream>, Status> {
-        let caller = caller_of(&req);
+        let (caller, origin) = (caller_of(&req), Origin::of(&req));
         let r = req.into_inner();
-        let inv =
-            GatewayApi::invocation(&caller, r.service, r.method, r.request_data, r.timeout_ms)?;
-        tracing::info!(target: "audit", caller = caller.name(), service = %inv.service, method = %inv.method, action = "invoke_stream", "gateway stream opened");
+        let inv = GatewayApi::invocation(
+            &caller,
+            r.service,
+            r.method,
+            r.request_data,
+            r.timeout_ms,
+            origin,
+        )?;
+        tracing::info!(target: "audit", caller = caller.name(), service = %inv.service, method = %inv.method, correlation_id = inv.correlation_id.as_deref().unwrap_or_default(), action = "invoke_stream", "gateway stream opened");
         let stream = self
             .0
             .gateway
@@ -403,6 +425,7 @@ struct InvokeBody {
 async fn rest_invoke(
     State(api): Ctx,
     Extension(caller): Extension<Caller>,
+    h: axum::http::HeaderMap,
     b: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let r: InvokeBody = serde_json::from_slice(&b)
@@ -417,7 +440,14 @@ async fn rest_invoke(
         (None, Some(v)) => v.to_string(),
         (None, None) => String::new(),
     };
-    let inv = GatewayApi::invocation(&caller, r.service, r.method, json, r.timeout_ms)?;
+    let inv = GatewayApi::invocation(
+        &caller,
+        r.service,
+        r.method,
+        json,
+        r.timeout_ms,
+        Origin::of_headers(&h),
+    )?;
     match api.invoke(&caller, &inv).await? {
         Ok(data) => {
             let value = serde_json::from_str::<Value>(&data).unwrap_or(Value::String(data.clone()));

@@ -2,6 +2,7 @@
 //! configuration helpers, systemd readiness and watchdog, logging to the
 //! journal, the HTTP health endpoints and graceful shutdown.
 
+pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod error;

@@ -15,6 +15,7 @@ use tonic::{
 };
 
 use crate::{
+    Tags,
     breaker::Breaker,
     catalog::{Catalog, DiscoverError},
     codec::DynamicCodec,
@@ -25,8 +26,11 @@ use crate::{
 /// (so a stream of calls to a wrong name does not hammer reflection).
 const REFRESH_AFTER: Duration = Duration::from_secs(5);
 
-/// The header that tells a backend who called through the Gateway.
+/// The header that tells a backend who called through the Gateway (the
+/// same name as `virtufin_common::audit::CALLER_HEADER`).
 pub const CALLER_HEADER: &str = "x-virtufin-caller";
+/// The header carrying the call's correlation id.
+pub const CORRELATION_HEADER: &str = "x-correlation-id";
 
 #[derive(Debug)]
 pub struct Backend {
@@ -185,18 +189,18 @@ impl Backend {
                 .listed_safe(method.parent_service().full_name(), method.name())
     }
 
-    fn request<T>(
-        &self,
-        msg: T,
-        timeout: Option<Duration>,
-        caller: Option<&str>,
-    ) -> tonic::Request<T> {
+    fn request<T>(&self, msg: T, timeout: Option<Duration>, tags: Tags<'_>) -> tonic::Request<T> {
         let mut req = tonic::Request::new(msg);
         if let Some(t) = timeout {
             req.set_timeout(t);
         }
-        if let Some(v) = caller.and_then(|c| c.parse::<AsciiMetadataValue>().ok()) {
-            req.metadata_mut().insert(CALLER_HEADER, v);
+        for (header, value) in [
+            (CALLER_HEADER, tags.caller),
+            (CORRELATION_HEADER, tags.correlation_id),
+        ] {
+            if let Some(v) = value.and_then(|c| c.parse::<AsciiMetadataValue>().ok()) {
+                req.metadata_mut().insert(header, v);
+            }
         }
         req
     }
@@ -218,7 +222,7 @@ impl Backend {
         method: &MethodDescriptor,
         msg: DynamicMessage,
         timeout: Duration,
-        caller: Option<&str>,
+        tags: Tags<'_>,
     ) -> Result<DynamicMessage, Status> {
         let channel = self.channel()?;
         let path = method_path(method)?;
@@ -239,7 +243,7 @@ impl Backend {
                     .await
                     .map_err(|e| Status::unavailable(format!("connecting: {e}")))?;
                 grpc.unary(
-                    self.request(msg.clone(), Some(timeout), caller),
+                    self.request(msg.clone(), Some(timeout), tags),
                     path.clone(),
                     DynamicCodec::new(method.output()),
                 )
@@ -276,7 +280,7 @@ impl Backend {
         method: &MethodDescriptor,
         msg: DynamicMessage,
         timeout: Option<Duration>,
-        caller: Option<&str>,
+        tags: Tags<'_>,
     ) -> Result<tonic::Streaming<DynamicMessage>, Status> {
         let channel = self.channel()?;
         let path = method_path(method)?;
@@ -288,7 +292,7 @@ impl Backend {
                 .await
                 .map_err(|e| Status::unavailable(format!("connecting: {e}")))?;
             grpc.server_streaming(
-                self.request(msg, timeout, caller),
+                self.request(msg, timeout, tags),
                 path,
                 DynamicCodec::new(method.output()),
             )

@@ -19,7 +19,7 @@ use std::{
 };
 
 use backend::Backend;
-pub use backend::CALLER_HEADER;
+pub use backend::{CALLER_HEADER, CORRELATION_HEADER};
 use futures_util::{Stream, StreamExt};
 use prost_reflect::{DynamicMessage, MessageDescriptor, MethodDescriptor, SerializeOptions};
 use tokio::sync::watch;
@@ -70,6 +70,8 @@ pub struct Invocation {
     pub timeout: Option<Duration>,
     /// Who calls (an API key's name), passed on as `x-virtufin-caller`.
     pub caller: Option<String>,
+    /// Passed on as `x-correlation-id`, to tie audit lines together.
+    pub correlation_id: Option<String>,
 }
 
 /// A configured backend as listed by `ListServices`.
@@ -379,7 +381,7 @@ impl Gateway {
         let method = self.resolve(&b, &inv.method).await?;
         let msg = Self::prepare(&method, &inv.request_json)?;
         let timeout = inv.timeout.unwrap_or(b.config.resilience.timeout());
-        let caller = inv.caller.as_deref();
+        let caller = Tags::of(inv);
         if method.is_server_streaming() {
             let mut stream = b
                 .server_streaming(&method, msg, Some(timeout), caller)
@@ -413,7 +415,7 @@ impl Gateway {
         let b = self.backend(&inv.service)?;
         let method = self.resolve(&b, &inv.method).await?;
         let msg = Self::prepare(&method, &inv.request_json)?;
-        let caller = inv.caller.as_deref();
+        let caller = Tags::of(inv);
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, Status>>(16);
         if method.is_server_streaming() {
             let mut stream = b
@@ -445,6 +447,22 @@ impl Gateway {
                 .map_err(GatewayError::Backend)?;
             drop(tx);
             Ok(futures_util::stream::iter([Ok(one)]).boxed())
+        }
+    }
+}
+
+/// What a call tells the backend about its origin.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tags<'a> {
+    pub caller: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+}
+
+impl<'a> Tags<'a> {
+    fn of(inv: &'a Invocation) -> Self {
+        Self {
+            caller: inv.caller.as_deref(),
+            correlation_id: inv.correlation_id.as_deref(),
         }
     }
 }

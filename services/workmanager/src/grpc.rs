@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
-use virtufin_common::ApiError;
+use virtufin_common::{ApiError, audit::Origin};
 use virtufin_proto::workmanager::v1::{
     self as pb, code_source::Source, work_manager_server::WorkManager,
 };
@@ -57,20 +57,24 @@ impl WorkManager for Service {
         &self,
         req: Request<pb::CreateWorkerRequest>,
     ) -> Result<Response<pb::CreateWorkerResponse>, Status> {
+        let by = Origin::of(&req);
         let r = req.into_inner();
         let (content, url, sha) = source(r.code_source);
         let id = self
             .0
-            .create(NewWorker {
-                content,
-                url,
-                sha256: sha,
-                mime_type: r.mime_type,
-                topic: r.topic,
-                group: r.group,
-                config: r.config,
-                tags: r.tags,
-            })
+            .create(
+                NewWorker {
+                    content,
+                    url,
+                    sha256: sha,
+                    mime_type: r.mime_type,
+                    topic: r.topic,
+                    group: r.group,
+                    config: r.config,
+                    tags: r.tags,
+                },
+                &by,
+            )
             .await?;
         Ok(Response::new(pb::CreateWorkerResponse { id }))
     }
@@ -79,9 +83,10 @@ impl WorkManager for Service {
         &self,
         req: Request<pb::LoadCodeRequest>,
     ) -> Result<Response<pb::LoadCodeResponse>, Status> {
+        let by = Origin::of(&req);
         let r = req.into_inner();
         let (content, url, sha) = source(r.code_source);
-        self.0.load_code(&r.id, &content, &url, &sha).await?;
+        self.0.load_code(&r.id, &content, &url, &sha, &by).await?;
         Ok(Response::new(pb::LoadCodeResponse {}))
     }
 
@@ -89,7 +94,8 @@ impl WorkManager for Service {
         &self,
         req: Request<pb::StartWorkerRequest>,
     ) -> Result<Response<pb::StartWorkerResponse>, Status> {
-        self.0.start(&req.into_inner().id).await?;
+        let by = Origin::of(&req);
+        self.0.start(&req.into_inner().id, &by).await?;
         Ok(Response::new(pb::StartWorkerResponse {}))
     }
 
@@ -97,7 +103,8 @@ impl WorkManager for Service {
         &self,
         req: Request<pb::StopWorkerRequest>,
     ) -> Result<Response<pb::StopWorkerResponse>, Status> {
-        self.0.stop(&req.into_inner().id).await?;
+        let by = Origin::of(&req);
+        self.0.stop(&req.into_inner().id, &by).await?;
         Ok(Response::new(pb::StopWorkerResponse {}))
     }
 
@@ -105,7 +112,8 @@ impl WorkManager for Service {
         &self,
         req: Request<pb::DeleteWorkerRequest>,
     ) -> Result<Response<pb::DeleteWorkerResponse>, Status> {
-        self.0.delete(&req.into_inner().id).await?;
+        let by = Origin::of(&req);
+        self.0.delete(&req.into_inner().id, &by).await?;
         Ok(Response::new(pb::DeleteWorkerResponse {}))
     }
 
@@ -159,9 +167,10 @@ impl WorkManager for Service {
         &self,
         req: Request<pb::SetTagRequest>,
     ) -> Result<Response<pb::SetTagResponse>, Status> {
+        let by = Origin::of(&req);
         let r = req.into_inner();
         self.0
-            .set_tags(&r.id, [(r.key, r.value)].into_iter().collect())
+            .set_tags(&r.id, [(r.key, r.value)].into_iter().collect(), &by)
             .await?;
         Ok(Response::new(pb::SetTagResponse {}))
     }
@@ -184,8 +193,9 @@ impl WorkManager for Service {
         &self,
         req: Request<pb::SetTagsRequest>,
     ) -> Result<Response<pb::SetTagsResponse>, Status> {
+        let by = Origin::of(&req);
         let r = req.into_inner();
-        self.0.set_tags(&r.id, r.tags).await?;
+        self.0.set_tags(&r.id, r.tags, &by).await?;
         Ok(Response::new(pb::SetTagsResponse {}))
     }
 

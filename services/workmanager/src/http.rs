@@ -6,13 +6,14 @@ use axum::{
     Json, Router,
     body::Bytes,
     extract::{Path, State},
+    http::HeaderMap,
     response::IntoResponse,
     routing::{get, post},
 };
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
-use virtufin_common::{ApiError, Health};
+use virtufin_common::{ApiError, Health, audit::Origin};
 
 use crate::manager::{NewWorker, Record, Shared};
 
@@ -86,19 +87,26 @@ fn view(r: &Record) -> serde_json::Value {
     })
 }
 
-async fn create(State(s): State<Arc<Shared>>, b: Bytes) -> Result<impl IntoResponse, ApiError> {
+async fn create(
+    State(s): State<Arc<Shared>>,
+    h: HeaderMap,
+    b: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
     let r: CreateBody = body(&b)?;
     let id = s
-        .create(NewWorker {
-            content: r.code.bytes()?,
-            url: r.code.url,
-            sha256: r.code.sha256,
-            mime_type: r.mime_type,
-            topic: r.topic,
-            group: r.group,
-            config: r.config,
-            tags: r.tags,
-        })
+        .create(
+            NewWorker {
+                content: r.code.bytes()?,
+                url: r.code.url,
+                sha256: r.code.sha256,
+                mime_type: r.mime_type,
+                topic: r.topic,
+                group: r.group,
+                config: r.config,
+                tags: r.tags,
+            },
+            &Origin::of_headers(&h),
+        )
         .await?;
     Ok(Json(json!({ "id": id })))
 }
@@ -118,24 +126,27 @@ async fn one(
 async fn delete(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
+    h: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.delete(&id).await?;
+    s.delete(&id, &Origin::of_headers(&h)).await?;
     Ok(Json(json!({})))
 }
 
 async fn start(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
+    h: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.start(&id).await?;
+    s.start(&id, &Origin::of_headers(&h)).await?;
     Ok(Json(json!({})))
 }
 
 async fn stop(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
+    h: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    s.stop(&id).await?;
+    s.stop(&id, &Origin::of_headers(&h)).await?;
     Ok(Json(json!({})))
 }
 
@@ -146,10 +157,12 @@ async fn recover(State(s): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiE
 async fn load_code(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
+    h: HeaderMap,
     b: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     let c: Code = body(&b)?;
-    s.load_code(&id, &c.bytes()?, &c.url, &c.sha256).await?;
+    s.load_code(&id, &c.bytes()?, &c.url, &c.sha256, &Origin::of_headers(&h))
+        .await?;
     Ok(Json(json!({})))
 }
 
@@ -176,6 +189,7 @@ async fn tags(
 async fn set_tags(
     State(s): State<Arc<Shared>>,
     Path(id): Path<String>,
+    h: HeaderMap,
     b: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     #[derive(Deserialize)]
@@ -184,7 +198,7 @@ async fn set_tags(
         tags: HashMap<String, String>,
     }
     let t: Tags = body(&b)?;
-    s.set_tags(&id, t.tags).await?;
+    s.set_tags(&id, t.tags, &Origin::of_headers(&h)).await?;
     Ok(Json(json!({})))
 }
 
@@ -203,6 +217,7 @@ async fn tag(
 async fn set_tag(
     State(s): State<Arc<Shared>>,
     Path((id, key)): Path<(String, String)>,
+    h: HeaderMap,
     b: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     #[derive(Deserialize)]
@@ -211,7 +226,11 @@ async fn set_tag(
         value: String,
     }
     let v: Value = body(&b)?;
-    s.set_tags(&id, [(key, v.value)].into_iter().collect())
-        .await?;
+    s.set_tags(
+        &id,
+        [(key, v.value)].into_iter().collect(),
+        &Origin::of_headers(&h),
+    )
+    .await?;
     Ok(Json(json!({})))
 }

@@ -19,6 +19,7 @@ use virtufin_api_client::{
     publisher::{Publisher, json_event},
 };
 use virtufin_common::ApiError;
+use virtufin_common::audit::Origin;
 
 use crate::{
     config::Config,
@@ -380,7 +381,7 @@ impl Shared {
         Ok(n)
     }
 
-    pub async fn create(&self, w: NewWorker) -> Result<String, ApiError> {
+    pub async fn create(&self, w: NewWorker, by: &Origin) -> Result<String, ApiError> {
         let NewWorker {
             content,
             url,
@@ -422,13 +423,13 @@ impl Shared {
         };
         self.save(&rec).await?;
         self.update_index(&id, true).await?;
-        tracing::info!(target: "audit", worker = %id, mime_type = mime, source = source.as_str(), action = "create", "worker created");
+        tracing::info!(target: "audit", caller = %by.caller, correlation_id = %by.correlation_id, worker = %id, mime_type = mime, source = source.as_str(), action = "create", "worker created");
         self.lifecycle("created", &id, &rec.group, &rec.topic, Map::new())
             .await;
         Ok(id)
     }
 
-    pub async fn start(self: &Arc<Self>, id: &str) -> Result<(), ApiError> {
+    pub async fn start(self: &Arc<Self>, id: &str, by: &Origin) -> Result<(), ApiError> {
         let (mut rec, _) = self.load(id).await?;
         let code = self.code(id, rec.history.len().saturating_sub(1)).await?;
         let spec = WorkerSpec {
@@ -451,13 +452,13 @@ impl Shared {
         rec.status = "running".into();
         rec.instance_id = self.instance.clone();
         self.save(&rec).await?;
-        tracing::info!(target: "audit", worker = %id, mime_type = %rec.mime_type, action = "start", "worker started");
+        tracing::info!(target: "audit", caller = %by.caller, correlation_id = %by.correlation_id, worker = %id, mime_type = %rec.mime_type, action = "start", "worker started");
         self.lifecycle("started", id, &rec.group, &rec.topic, Map::new())
             .await;
         Ok(())
     }
 
-    pub async fn stop(&self, id: &str) -> Result<(), ApiError> {
+    pub async fn stop(&self, id: &str, by: &Origin) -> Result<(), ApiError> {
         let (mut rec, _) = self.load(id).await?;
         let running = self.running.lock().await.remove(id);
         if let Some(r) = running {
@@ -469,13 +470,13 @@ impl Shared {
             rec.status = "stopped".into();
             self.save(&rec).await?;
         }
-        tracing::info!(target: "audit", worker = %id, mime_type = %rec.mime_type, action = "stop", "worker stopped");
+        tracing::info!(target: "audit", caller = %by.caller, correlation_id = %by.correlation_id, worker = %id, mime_type = %rec.mime_type, action = "stop", "worker stopped");
         Ok(())
     }
 
-    pub async fn delete(&self, id: &str) -> Result<(), ApiError> {
+    pub async fn delete(&self, id: &str, by: &Origin) -> Result<(), ApiError> {
         let (rec, _) = self.load(id).await?;
-        self.stop(id).await?;
+        self.stop(id, by).await?;
         self.update_index(id, false).await?;
         for n in 0..rec.history.len() {
             let _ = self.api.delete(SERVICE, &code_key(id, n), "").await;
@@ -484,7 +485,7 @@ impl Shared {
             .delete(SERVICE, &worker_key(id), "")
             .await
             .map_err(client_error)?;
-        tracing::info!(target: "audit", worker = %id, mime_type = %rec.mime_type, action = "delete", "worker deleted");
+        tracing::info!(target: "audit", caller = %by.caller, correlation_id = %by.correlation_id, worker = %id, mime_type = %rec.mime_type, action = "delete", "worker deleted");
         Ok(())
     }
 
@@ -496,6 +497,7 @@ impl Shared {
         content: &[u8],
         url: &str,
         sha256: &str,
+        by: &Origin,
     ) -> Result<(), ApiError> {
         let (mut rec, _) = self.load(id).await?;
         let kind = Kind::from_mime(&rec.mime_type).unwrap_or(Kind::Python);
@@ -504,11 +506,11 @@ impl Shared {
         self.store_code(id, n, &code).await?;
         rec.history.push((now_rfc3339(), sha256_hex(&code)));
         self.save(&rec).await?;
-        tracing::info!(target: "audit", worker = %id, mime_type = %rec.mime_type, source = source.as_str(), action = "load_code", version = n, "worker code replaced");
+        tracing::info!(target: "audit", caller = %by.caller, correlation_id = %by.correlation_id, worker = %id, mime_type = %rec.mime_type, source = source.as_str(), action = "load_code", version = n, "worker code replaced");
         let was_running = self.running.lock().await.remove(id);
         if let Some(r) = was_running {
             r.stop().await;
-            self.start(id).await?;
+            self.start(id, by).await?;
         }
         Ok(())
     }
@@ -537,20 +539,26 @@ impl Shared {
         Ok(self.load(id).await?.0)
     }
 
-    pub async fn set_tags(&self, id: &str, tags: HashMap<String, String>) -> Result<(), ApiError> {
+    pub async fn set_tags(
+        &self,
+        id: &str,
+        tags: HashMap<String, String>,
+        by: &Origin,
+    ) -> Result<(), ApiError> {
         let (mut rec, _) = self.load(id).await?;
         let mut merged = rec.tags.clone();
         merged.extend(tags);
         Self::check_tags(merged.iter())?;
         rec.tags = merged;
         self.save(&rec).await?;
-        tracing::info!(target: "audit", worker = %id, mime_type = %rec.mime_type, action = "set_tags", "worker tags changed");
+        tracing::info!(target: "audit", caller = %by.caller, correlation_id = %by.correlation_id, worker = %id, mime_type = %rec.mime_type, action = "set_tags", "worker tags changed");
         Ok(())
     }
 
     /// Restores and restarts the workers this instance owned, holding the
     /// recovery lease so that one instance recovers at a time.
     pub async fn recover(self: &Arc<Self>) -> Result<usize, ApiError> {
+        let by = Origin::internal("recovery");
         let lease_etag = self.acquire_lease().await?;
         let result = async {
             let mut n = 0;
@@ -559,7 +567,7 @@ impl Shared {
                     && rec.instance_id == self.instance
                     && !self.running.lock().await.contains_key(&rec.id)
                 {
-                    self.start(&rec.id).await?;
+                    self.start(&rec.id, &by).await?;
                     n += 1;
                 }
             }

@@ -61,6 +61,7 @@ pub async fn stack() -> Stack {
 
 pub struct Wm {
     pub client: WorkManagerClient<Channel>,
+    pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub stop: CancellationToken,
     pub task: tokio::task::JoinHandle<Result<(), virtufin_workmanager::RunError>>,
@@ -100,6 +101,7 @@ pub async fn wm(s: &Stack, tweak: impl FnOnce(&mut virtufin_workmanager::Config)
         .unwrap();
     Wm {
         client: WorkManagerClient::new(ch),
+        grpc,
         http,
         stop,
         task,
