@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 pub mod native;
+mod process;
 pub mod python;
 
 /// The framing both engines speak with their worker processes: a 4-byte

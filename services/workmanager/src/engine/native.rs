@@ -11,22 +11,14 @@ use std::{
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     pin::Pin,
-    process::Stdio,
     time::Duration,
 };
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{UnixListener, UnixStream},
-    process::{Child, Command},
-};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio::{io::AsyncWriteExt, process::Command};
 use virtufin_worker_abi::frame::Frame;
 
-use super::EngineError;
+use super::{EngineError, process::WorkerProcess};
 
 /// The api's Gateway as the native engine needs it: a JSON request to a
 /// backend's method, a JSON answer.
@@ -73,11 +65,7 @@ pub struct NativeOptions {
 }
 
 /// A running worker host.
-pub struct NativeEngine {
-    child: Child,
-    conn: Framed<UnixStream, LengthDelimitedCodec>,
-    worker: String,
-}
+pub struct NativeEngine(WorkerProcess);
 
 /// Writes the library where only this user can read it and nobody can
 /// change it: `dir` 0700, the file 0500, replaced by rename so that a
@@ -122,12 +110,9 @@ impl NativeEngine {
         dir: &Path,
     ) -> Result<Self, EngineError> {
         let library = install_library(dir, code).await?;
+        let mut cmd = Command::new(&options.host);
         let sock_path = dir.join("host.sock");
-        let _ = tokio::fs::remove_file(&sock_path).await;
-        let listener = UnixListener::bind(&sock_path)
-            .map_err(|e| EngineError::Start(format!("{}: {e}", sock_path.display())))?;
-        let mut child = Command::new(&options.host)
-            .arg("--socket")
+        cmd.arg("--socket")
             .arg(&sock_path)
             .arg("--library")
             .arg(&library)
@@ -136,84 +121,22 @@ impl NativeEngine {
             .arg("--max-frame")
             .arg(options.max_frame_bytes.to_string())
             .env_clear()
-            .env("VIRTUFIN_WORKER_ID", worker)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                EngineError::Start(format!(
-                    "cannot run the worker host {} (set VIRTUFIN_WORKER_HOST): {e}",
-                    options.host.display()
-                ))
-            })?;
-        if let Some(stderr) = child.stderr.take() {
-            let w = worker.to_owned();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    tracing::warn!(worker = %w, "native worker: {l}");
-                }
-            });
-        }
-        let stream = tokio::select! {
-            a = listener.accept() => a.map(|(s, _)| s).map_err(|e| EngineError::Start(e.to_string()))?,
-            s = child.wait() => return Err(EngineError::Start(format!(
-                "the worker host exited before connecting ({})",
-                s.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string())
-            ))),
-            _ = tokio::time::sleep(options.ready_timeout) => return Err(EngineError::Start(format!(
-                "the worker host did not connect within {:?}", options.ready_timeout
-            ))),
-        };
-        let _ = tokio::fs::remove_file(&sock_path).await;
-        let mut engine = Self {
-            child,
-            conn: Framed::new(stream, super::codec(options.max_frame_bytes)),
-            worker: worker.to_owned(),
-        };
-        match engine.recv(options.ready_timeout).await? {
-            Frame::Ready => Ok(engine),
-            Frame::Error {
-                error_type,
-                message,
-            } => Err(EngineError::Load {
-                error_type,
-                message,
-            }),
-            f => Err(EngineError::Protocol(format!("expected ready, got {f:?}"))),
-        }
-    }
-
-    async fn send(&mut self, frame: &Frame) -> Result<(), EngineError> {
-        match self.conn.send(Bytes::from(frame.to_bytes())).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.crashed(e.to_string()).await),
-        }
-    }
-
-    async fn recv(&mut self, timeout: Duration) -> Result<Frame, EngineError> {
-        match tokio::time::timeout(timeout, self.conn.next()).await {
-            Err(_) => Err(EngineError::Timeout(timeout)),
-            Ok(None) => Err(self
-                .crashed("the worker host closed its socket".into())
-                .await),
-            Ok(Some(Err(e))) => Err(self.crashed(e.to_string()).await),
-            Ok(Some(Ok(b))) => Frame::from_bytes(&b)
-                .map_err(|e| EngineError::Protocol(format!("a frame is not a known frame: {e}"))),
-        }
-    }
-
-    /// The error for a host that went away, with its exit status (a
-    /// signal, for a crash) when it can be had within a moment: the socket
-    /// closes just before the process is reaped.
-    async fn crashed(&mut self, why: String) -> EngineError {
-        let status = tokio::time::timeout(Duration::from_millis(200), self.child.wait()).await;
-        EngineError::Crashed(match status {
-            Ok(Ok(s)) => format!("{why} (process {s})"),
-            _ => why,
+            .current_dir(dir);
+        WorkerProcess::start(
+            cmd,
+            &sock_path,
+            worker,
+            "worker host",
+            options.ready_timeout,
+            options.max_frame_bytes,
+        )
+        .await
+        .map(Self)
+        .map_err(|e| match e {
+            EngineError::Start(m) if m.starts_with("cannot run") => {
+                EngineError::Start(format!("{m} (set VIRTUFIN_WORKER_HOST)"))
+            }
+            e => e,
         })
     }
 
@@ -227,10 +150,10 @@ impl NativeEngine {
         gateway: &dyn GatewayCaller,
     ) -> Result<Option<Value>, EngineError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        self.send(&Frame::Process { event }).await?;
+        self.0.send(&Frame::Process { event }).await?;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let f = match self.recv(left).await {
+            let f = match self.0.recv(left).await {
                 Err(EngineError::Timeout(_)) => return Err(EngineError::Timeout(timeout)),
                 other => other?,
             };
@@ -240,7 +163,7 @@ impl NativeEngine {
                     error_message,
                 } => {
                     if let Some(m) = error_message {
-                        tracing::warn!(worker = %self.worker, "the worker answered with an error beside its event: {m}");
+                        tracing::warn!(worker = %self.0.worker, "the worker answered with an error beside its event: {m}");
                     }
                     return Ok(match event {
                         Value::Null => None,
@@ -257,7 +180,7 @@ impl NativeEngine {
                     });
                 }
                 Frame::Log { level, message } => {
-                    let w = &self.worker;
+                    let w = &self.0.worker;
                     match level {
                         0 => tracing::trace!(worker = %w, "native worker: {message}"),
                         1 => tracing::debug!(worker = %w, "native worker: {message}"),
@@ -288,36 +211,22 @@ impl NativeEngine {
                         },
                         Err(_) => return Err(EngineError::Timeout(timeout)),
                     };
-                    self.send(&answer).await?;
+                    self.0.send(&answer).await?;
                 }
                 f => return Err(EngineError::Protocol(format!("expected result, got {f:?}"))),
             }
         }
     }
 
-    /// `ping` → `pong` within `timeout`: the host is alive and not hung.
     pub async fn ping(&mut self, timeout: Duration) -> Result<(), EngineError> {
-        self.send(&Frame::Ping).await?;
-        match self.recv(timeout).await? {
-            Frame::Pong => Ok(()),
-            f => Err(EngineError::Protocol(format!("expected pong, got {f:?}"))),
-        }
+        self.0.ping(timeout).await
     }
 
-    /// Asks the host to stop; kills it if it does not within 2 s.
-    pub async fn shutdown(mut self) {
-        let _ = self.send(&Frame::Shutdown).await;
-        if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(worker = %self.worker, "the worker host ignored shutdown; killing it");
-            let _ = self.child.kill().await;
-        }
+    pub async fn shutdown(self) {
+        self.0.shutdown().await;
     }
 
-    /// Kills the host at once (a hang or a timeout).
-    pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
+    pub async fn kill(self) {
+        self.0.kill().await;
     }
 }

@@ -7,22 +7,14 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
-use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
-use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    net::{UnixListener, UnixStream},
-    process::{Child, Command},
-};
-use tokio_util::codec::{Framed, LengthDelimitedCodec};
+use tokio::process::Command;
 use virtufin_worker_abi::frame::Frame;
 
-use super::EngineError;
+use super::{EngineError, process::WorkerProcess};
 
 const BOOTSTRAP: &str = include_str!("bootstrap.py");
 
@@ -41,11 +33,7 @@ pub struct PythonOptions {
 }
 
 /// A running Python worker process.
-pub struct PythonEngine {
-    child: Child,
-    conn: Framed<UnixStream, LengthDelimitedCodec>,
-    worker: String,
-}
+pub struct PythonEngine(WorkerProcess);
 
 impl PythonEngine {
     /// Writes the code into `dir`, starts the interpreter and waits for
@@ -68,13 +56,10 @@ impl PythonEngine {
         tokio::fs::write(&boot_path, BOOTSTRAP)
             .await
             .map_err(|e| EngineError::Start(e.to_string()))?;
-        let _ = tokio::fs::remove_file(&sock_path).await;
-        let listener = UnixListener::bind(&sock_path)
-            .map_err(|e| EngineError::Start(format!("{}: {e}", sock_path.display())))?;
-        let mut child = Command::new(&options.python)
-            // -I: isolated (no environment variables, no user site, no
-            // current directory on the path); -B: no .pyc files.
-            .arg("-I")
+        let mut cmd = Command::new(&options.python);
+        // -I: isolated (no environment variables, no user site, no current
+        // directory on the path); -B: no .pyc files.
+        cmd.arg("-I")
             .arg("-B")
             .arg(&boot_path)
             .arg("--socket")
@@ -85,81 +70,17 @@ impl PythonEngine {
             .arg(options.blocked_modules.join(","))
             .arg("--memory-limit")
             .arg(options.memory_limit_bytes.to_string())
-            .env_clear()
-            .env("VIRTUFIN_WORKER_ID", worker)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| {
-                EngineError::Start(format!("cannot run {}: {e}", options.python.display()))
-            })?;
-        if let Some(stderr) = child.stderr.take() {
-            let w = worker.to_owned();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(l)) = lines.next_line().await {
-                    tracing::warn!(worker = %w, "python: {l}");
-                }
-            });
-        }
-        let accept = tokio::time::timeout(options.ready_timeout, listener.accept()).await;
-        let stream = match accept {
-            Ok(Ok((s, _))) => s,
-            Ok(Err(e)) => return Err(EngineError::Start(e.to_string())),
-            Err(_) => {
-                let status = child.try_wait().ok().flatten();
-                return Err(EngineError::Start(format!(
-                    "the interpreter did not connect within {:?} ({})",
-                    options.ready_timeout,
-                    status
-                        .map(|s| s.to_string())
-                        .unwrap_or_else(|| "still running".into())
-                )));
-            }
-        };
-        let mut engine = Self {
-            child,
-            conn: Framed::new(stream, super::codec(options.max_frame_bytes)),
-            worker: worker.to_owned(),
-        };
-        match engine.recv(options.ready_timeout).await? {
-            Frame::Ready => Ok(engine),
-            Frame::Error {
-                error_type,
-                message,
-            } => Err(EngineError::Load {
-                error_type,
-                message,
-            }),
-            f => Err(EngineError::Protocol(format!("expected ready, got {f:?}"))),
-        }
-    }
-
-    async fn send(&mut self, frame: &Frame) -> Result<(), EngineError> {
-        self.conn
-            .send(Bytes::from(frame.to_bytes()))
-            .await
-            .map_err(|e| self.crashed(e.to_string()))
-    }
-
-    async fn recv(&mut self, timeout: Duration) -> Result<Frame, EngineError> {
-        match tokio::time::timeout(timeout, self.conn.next()).await {
-            Err(_) => Err(EngineError::Timeout(timeout)),
-            Ok(None) => Err(self.crashed("the worker process closed its socket".into())),
-            Ok(Some(Err(e))) => Err(self.crashed(e.to_string())),
-            Ok(Some(Ok(b))) => Frame::from_bytes(&b)
-                .map_err(|e| EngineError::Protocol(format!("a frame is not a known frame: {e}"))),
-        }
-    }
-
-    fn crashed(&mut self, why: String) -> EngineError {
-        let status = self.child.try_wait().ok().flatten();
-        EngineError::Crashed(match status {
-            Some(s) => format!("{why} (process {s})"),
-            None => why,
-        })
+            .env_clear();
+        WorkerProcess::start(
+            cmd,
+            &sock_path,
+            worker,
+            "python worker",
+            options.ready_timeout,
+            options.max_frame_bytes,
+        )
+        .await
+        .map(Self)
     }
 
     /// Hands one event to `Process(event)`; its answer, or None.
@@ -168,8 +89,8 @@ impl PythonEngine {
         event: Value,
         timeout: Duration,
     ) -> Result<Option<Value>, EngineError> {
-        self.send(&Frame::Process { event }).await?;
-        match self.recv(timeout).await? {
+        self.0.send(&Frame::Process { event }).await?;
+        match self.0.recv(timeout).await? {
             Frame::Result {
                 event: Value::Null, ..
             } => Ok(None),
@@ -185,29 +106,15 @@ impl PythonEngine {
         }
     }
 
-    /// `ping` → `pong` within `timeout`: the process is alive and not hung.
     pub async fn ping(&mut self, timeout: Duration) -> Result<(), EngineError> {
-        self.send(&Frame::Ping).await?;
-        match self.recv(timeout).await? {
-            Frame::Pong => Ok(()),
-            f => Err(EngineError::Protocol(format!("expected pong, got {f:?}"))),
-        }
+        self.0.ping(timeout).await
     }
 
-    /// Asks the process to stop; kills it if it does not within 2 s.
-    pub async fn shutdown(mut self) {
-        let _ = self.send(&Frame::Shutdown).await;
-        if tokio::time::timeout(Duration::from_secs(2), self.child.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(worker = %self.worker, "python worker ignored shutdown; killing it");
-            let _ = self.child.kill().await;
-        }
+    pub async fn shutdown(self) {
+        self.0.shutdown().await;
     }
 
-    /// Kills the process at once (a hang or a timeout).
-    pub async fn kill(mut self) {
-        let _ = self.child.kill().await;
+    pub async fn kill(self) {
+        self.0.kill().await;
     }
 }
