@@ -63,7 +63,11 @@ impl WorkerProcess {
                 }
             });
         }
+        // Biased to the connection: a process that connected, reported its
+        // load error and exited is ready on both branches, and its frame
+        // must be read, not lost to "exited before connecting".
         let stream = tokio::select! {
+            biased;
             a = listener.accept() => a.map(|(s, _)| s).map_err(|e| EngineError::Start(e.to_string()))?,
             s = child.wait() => return Err(EngineError::Start(format!(
                 "the {what} exited before connecting ({})",
