@@ -78,6 +78,25 @@
       (file: value: "cp ${yaml.generate file value} $out/${file}")
       components)}
   '';
+  # The Gateway's backends: the downstream services this host runs, as
+  # the Debian package's /etc/virtufin/services.json lists them.
+  localHost = address:
+    if address == "0.0.0.0" || address == "::"
+    then "127.0.0.1"
+    else address;
+  servicesFile = pkgs.writeText "virtufin-services.json" (builtins.toJSON {
+    services =
+      map (name: {
+        inherit name;
+        grpc = {
+          host = localHost cfg.${name}.listenAddress;
+          port = cfg.${name}.grpcPort;
+          reflectionEnabled = true;
+        };
+      })
+      (lib.filter (name: cfg.${name}.enable) ["websocketmanager" "workmanager"]);
+  });
+
   # No secrets configured: an empty store, so the component still loads.
   emptySecrets = pkgs.writeText "virtufin-dapr-secrets.json" "{}";
 
@@ -139,6 +158,7 @@ in {
           VIRTUFIN_GRPC_HOST = svc.listenAddress;
           VIRTUFIN_GRPC_PORT = svc.grpcPort;
           VIRTUFIN_BACKEND = cfg.backend;
+          SERVICES_CONFIG_PATH = "${servicesFile}";
           RUST_LOG = "info";
         }
         // optionalAttrs (cfg.backend == "valkey") {

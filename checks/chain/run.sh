@@ -146,6 +146,9 @@ in_ct grpcurl -plaintext -d '{"topic":"websocketmanager.connectionstatus","subsc
   pass "Pubsub/Unsubscribe" || fail "Pubsub/Unsubscribe"
 for _ in $(seq 50); do in_ct sh -c 'kill -0 $(cat /tmp/sub.pid) 2>/dev/null' || break; sleep 0.1; done
 check "Subscribe received smoke-1 and ended" in_ct grep -q '"id": "smoke-1"' /tmp/sub.out
+listed=$(in_ct grpcurl -plaintext virtufin-api:5002 virtufin.api.v1.Gateway/ListServices 2>&1 || true)
+gw_both() { grep -q '"websocketmanager"' <<<"$listed" && grep -q '"workmanager"' <<<"$listed"; }
+check "the packaged services file gives the Gateway both downstream services" gw_both
 
 say "kill -9 of the api"
 in_ct virtufin state set chain acknowledged "before-kill" >/dev/null

@@ -203,9 +203,17 @@ async fn start_all(
         },
         url => Some(url.to_owned()),
     };
+    // The Gateway's backends: the two services started below (unless the
+    // caller brought a services file of their own).
+    let services = state_dir.join("services.json");
+    if !services.exists() {
+        std::fs::write(&services, LOCAL_SERVICES)
+            .with_context(|| format!("cannot write {}", services.display()))?;
+    }
     let mut api = Command::new(find_binary("virtufin-api", args.bin_dir.as_deref())?);
     api.env("ASPNETCORE_URLS", "http://127.0.0.1:5001")
-        .env("VIRTUFIN_GRPC_PORT", "5002");
+        .env("VIRTUFIN_GRPC_PORT", "5002")
+        .env("SERVICES_CONFIG_PATH", &services);
     match &valkey_url {
         Some(url) => {
             api.env("VIRTUFIN_BACKEND", "valkey")
@@ -249,6 +257,14 @@ async fn start_all(
     running.push(start_notify("virtufin-workmanager", wm, state_dir, args.ready_timeout).await?);
     Ok(())
 }
+
+/// The services file `virtufin up` gives the api: the websocketmanager and
+/// the workmanager on their default ports.
+const LOCAL_SERVICES: &str = r#"{"services": [
+  {"name": "websocketmanager", "grpc": {"host": "127.0.0.1", "port": 5202, "reflectionEnabled": true}},
+  {"name": "workmanager", "grpc": {"host": "127.0.0.1", "port": 5102, "reflectionEnabled": true}}
+]}
+"#;
 
 /// Waits for Ctrl-C / SIGTERM, or for a service to exit on its own.
 async fn wait_for_stop(running: &mut [Running]) -> ExitCode {

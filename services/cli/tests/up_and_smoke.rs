@@ -120,6 +120,28 @@ async fn up_then_smoke_then_ctrl_c() {
         .await
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains(id));
+    // `up` gives the api's Gateway both services as backends.
+    let out = Command::new(CLI)
+        .args(["gateway", "invoke", "websocketmanager", "List"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(id));
+    let out = Command::new(CLI)
+        .args(["gateway", "methods", "workmanager"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("WorkManager/CreateWorker"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = Command::new(CLI)
         .args(["ws", "disconnect", id])
         .output()
