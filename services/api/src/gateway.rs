@@ -205,6 +205,41 @@ fn failed_response(s: &Status) -> InvokeResponse {
     }
 }
 
+/// The two request messages that name a call (they differ only in name).
+trait CallRequest {
+    fn parts(self) -> (String, String, String, u32);
+}
+
+impl CallRequest for InvokeRequest {
+    fn parts(self) -> (String, String, String, u32) {
+        (
+            self.service,
+            self.method,
+            self.request_data,
+            self.timeout_ms,
+        )
+    }
+}
+
+impl CallRequest for InvokeJsonRequest {
+    fn parts(self) -> (String, String, String, u32) {
+        (
+            self.service,
+            self.method,
+            self.request_data,
+            self.timeout_ms,
+        )
+    }
+}
+
+/// The caller (from the key check) and the call a gRPC request asks for.
+fn grpc_invocation<R: CallRequest>(req: Request<R>) -> Result<(Caller, Invocation), ApiError> {
+    let (caller, origin) = (caller_of(&req), Origin::of(&req));
+    let (service, method, json, timeout_ms) = req.into_inner().parts();
+    let inv = GatewayApi::invocation(&caller, service, method, json, timeout_ms, origin)?;
+    Ok((caller, inv))
+}
+
 /// The gRPC face.
 #[derive(Clone)]
 pub struct GatewayService(pub GatewayApi);
@@ -217,16 +252,7 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         req: Request<InvokeRequest>,
     ) -> Result<Response<InvokeResponse>, Status> {
-        let (caller, origin) = (caller_of(&req), Origin::of(&req));
-        let r = req.into_inner();
-        let inv = GatewayApi::invocation(
-            &caller,
-            r.service,
-            r.method,
-            r.request_data,
-            r.timeout_ms,
-            origin,
-        )?;
+        let (caller, inv) = grpc_invocation(req)?;
         Ok(Response::new(match self.0.invoke(&caller, &inv).await? {
             Ok(json) => ok_response(json),
             Err(s) => failed_response(&s),
@@ -237,16 +263,7 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         req: Request<InvokeJsonRequest>,
     ) -> Result<Response<InvokeJsonResponse>, Status> {
-        let (caller, origin) = (caller_of(&req), Origin::of(&req));
-        let r = req.into_inner();
-        let inv = GatewayApi::invocation(
-            &caller,
-            r.service,
-            r.method,
-            r.request_data,
-            r.timeout_ms,
-            origin,
-        )?;
+        let (caller, inv) = grpc_invocation(req)?;
         let json = self.0.invoke(&caller, &inv).await??;
         Ok(Response::new(InvokeJsonResponse {
             success: true,
@@ -262,16 +279,7 @@ impl gateway_server::Gateway for GatewayService {
         &self,
         req: Request<InvokeRequest>,
     ) -> Result<Response<Self::InvokeStreamStream>, Status> {
-        let (caller, origin) = (caller_of(&req), Origin::of(&req));
-        let r = req.into_inner();
-        let inv = GatewayApi::invocation(
-            &caller,
-            r.service,
-            r.method,
-            r.request_data,
-            r.timeout_ms,
-            origin,
-        )?;
+        let (caller, inv) = grpc_invocation(req)?;
         tracing::info!(target: "audit", caller = caller.name(), service = %inv.service, method = %inv.method, correlation_id = inv.correlation_id.as_deref().unwrap_or_default(), action = "invoke_stream", "gateway stream opened");
         let stream = self
             .0

@@ -6,13 +6,7 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::{Arc, Mutex, OnceLock},
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use common::{Kind, TestApi};
 use serde_json::{Value, json};
@@ -23,44 +17,6 @@ use virtufin_api_client::{ApiClient, pb};
 const ADMIN_KEY: &str = "admin-0123456789abcdef0123456789";
 const WSM_KEY: &str = "wsm-0123456789abcdef0123456789ab";
 const WM_ONLY_KEY: &str = "wmonly-0123456789abcdef012345678";
-
-// --- captured logs (to check the caller in audit lines) -----------------
-
-static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
-    LOGS.get_or_init(|| {
-        let buf = Arc::new(Mutex::new(Vec::new()));
-        let b = buf.clone();
-        let _ = tracing_subscriber::fmt()
-            .with_ansi(false)
-            .with_env_filter("info")
-            .with_writer(move || LogWriter(b.clone()))
-            .try_init();
-        buf
-    })
-    .clone()
-}
-
-fn log_lines_with(needles: &[&str]) -> Vec<String> {
-    let text = String::from_utf8_lossy(&capture_logs().lock().unwrap()).to_string();
-    text.lines()
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .map(str::to_owned)
-        .collect()
-}
 
 // --- the set-up ------------------------------------------------------------
 
@@ -125,7 +81,7 @@ fn services_json(
 }
 
 async fn setup() -> Setup {
-    capture_logs();
+    virtufin_testkit::logs::capture();
     let dir = tempfile::tempdir().unwrap();
     let backend_api = common::start(Kind::Memory).await;
     common::ready(&backend_api).await;
@@ -471,7 +427,7 @@ async fn gateway_calls_real_backends_over_grpc_and_rest() {
     assert_eq!(v["status"], "NOT_FOUND");
 
     // Audit lines name the caller.
-    assert!(!log_lines_with(&["gateway call", "admin", "Connect"]).is_empty());
+    assert!(!virtufin_testkit::logs::lines_with(&["gateway call", "admin", "Connect"]).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -479,40 +435,80 @@ async fn gateway_refuses_bad_requests_and_protects_itself_from_bad_backends() {
     let s = setup().await;
     let c = s.client(Some(ADMIN_KEY));
 
-    let e = invoke_err(&c, "nosuch", "List", "{}").await;
-    refused(&e, tonic::Code::NotFound, "configured: backendapi");
-    // Lists what exists.
-    let e = invoke_err(&c, "websocketmanager", "Frobnicate", "{}").await;
-    refused(&e, tonic::Code::NotFound, "WebSocketManager/Connect");
-    let e = invoke_err(&c, "websocketmanager", "Connect", "{\"url\": ").await;
-    refused(
-        &e,
-        tonic::Code::InvalidArgument,
-        "not valid JSON for virtufin.websocketmanager.v1.ConnectRequest",
-    );
-    // An unknown field, a wrong type.
-    let e = invoke_err(&c, "websocketmanager", "Connect", r#"{"uri": "ws://x"}"#).await;
-    refused(&e, tonic::Code::InvalidArgument, "uri");
-    let e = invoke_err(&c, "websocketmanager", "Connect", r#"{"url": 5}"#).await;
-    refused(&e, tonic::Code::InvalidArgument, "ConnectRequest");
-    let e = invoke_err(&c, "backendapi", "SubscribeTopicEvents", "{}").await;
-    refused(&e, tonic::Code::Unimplemented, "client-streaming");
-    let e = invoke_err(&c, "", "List", "{}").await;
-    refused(&e, tonic::Code::InvalidArgument, "service is required");
-
-    // A backend without reflection, and one with reflection switched off.
-    let e = invoke_err(&c, "noreflect", "Check", "{}").await;
-    refused(
-        &e,
-        tonic::Code::FailedPrecondition,
-        "does not serve gRPC reflection",
-    );
-    let e = invoke_err(&c, "disabled", "Check", "{}").await;
-    refused(
-        &e,
-        tonic::Code::FailedPrecondition,
-        "reflectionEnabled: false",
-    );
+    use tonic::Code;
+    // (service, method, request, code, what the message must say)
+    let cases = [
+        (
+            "nosuch",
+            "List",
+            "{}",
+            Code::NotFound,
+            "configured: backendapi",
+        ),
+        // Lists what exists.
+        (
+            "websocketmanager",
+            "Frobnicate",
+            "{}",
+            Code::NotFound,
+            "WebSocketManager/Connect",
+        ),
+        (
+            "websocketmanager",
+            "Connect",
+            "{\"url\": ",
+            Code::InvalidArgument,
+            "not valid JSON for virtufin.websocketmanager.v1.ConnectRequest",
+        ),
+        // An unknown field, a wrong type.
+        (
+            "websocketmanager",
+            "Connect",
+            r#"{"uri": "ws://x"}"#,
+            Code::InvalidArgument,
+            "uri",
+        ),
+        (
+            "websocketmanager",
+            "Connect",
+            r#"{"url": 5}"#,
+            Code::InvalidArgument,
+            "ConnectRequest",
+        ),
+        (
+            "backendapi",
+            "SubscribeTopicEvents",
+            "{}",
+            Code::Unimplemented,
+            "client-streaming",
+        ),
+        (
+            "",
+            "List",
+            "{}",
+            Code::InvalidArgument,
+            "service is required",
+        ),
+        // A backend without reflection, and one with reflection switched off.
+        (
+            "noreflect",
+            "Check",
+            "{}",
+            Code::FailedPrecondition,
+            "does not serve gRPC reflection",
+        ),
+        (
+            "disabled",
+            "Check",
+            "{}",
+            Code::FailedPrecondition,
+            "reflectionEnabled: false",
+        ),
+    ];
+    for (service, method, data, code, needle) in cases {
+        let e = invoke_err(&c, service, method, data).await;
+        refused(&e, code, needle);
+    }
     let _ = s.noreflect;
 
     // Unreachable: the backend's failure comes back in-band; after two the
@@ -820,8 +816,13 @@ async fn api_keys_matrix() {
     admin.save("anything", "k", "v", "").await.unwrap();
 
     // Audit lines carry the key's name as the caller.
-    assert!(!log_lines_with(&["state saved", "wm-only", "workmanager"]).is_empty());
-    assert!(!log_lines_with(&["state saved", "caller=\"wsm\"", "websocketmanager"]).is_empty());
+    assert!(
+        !virtufin_testkit::logs::lines_with(&["state saved", "wm-only", "workmanager"]).is_empty()
+    );
+    assert!(
+        !virtufin_testkit::logs::lines_with(&["state saved", "caller=\"wsm\"", "websocketmanager"])
+            .is_empty()
+    );
 
     // gRPC-Web over HTTP/1.1 with CORS for the configured origin only.
     let frame = [0u8, 0, 0, 0, 0]; // an empty ListServicesRequest

@@ -5,45 +5,15 @@
 
 mod common;
 
-use std::{
-    io::Write,
-    sync::{Arc, Mutex},
-};
-
 use base64::Engine as _;
 use serde_json::json;
 use virtufin_api_client::pb as api_pb;
 use virtufin_proto::workmanager::v1 as pb;
 
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn lines_with(buf: &Mutex<Vec<u8>>, needles: &[&str]) -> Vec<String> {
-    String::from_utf8_lossy(&buf.lock().unwrap())
-        .lines()
-        .filter(|l| needles.iter().all(|n| l.contains(n)))
-        .map(str::to_owned)
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn audit_lines_name_the_caller_and_the_correlation_id() {
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let l = logs.clone();
-    tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_env_filter("audit=info")
-        .with_writer(move || LogWriter(l.clone()))
-        .init();
+    virtufin_testkit::logs::capture();
+    let lines_with = virtufin_testkit::logs::lines_with;
 
     let s = common::stack().await;
     let wm = common::wm(&s, |_| {}).await;
@@ -80,14 +50,14 @@ async fn audit_lines_name_the_caller_and_the_correlation_id() {
         .as_str()
         .unwrap()
         .to_owned();
-    let wm_lines = lines_with(&logs, &["worker created", &id, "corr-audit-1"]);
+    let wm_lines = lines_with(&["worker created", &id, "corr-audit-1"]);
     assert_eq!(wm_lines.len(), 1, "{wm_lines:?}");
     assert!(
         wm_lines[0].contains("caller=anonymous"),
         "auth is off: {}",
         wm_lines[0]
     );
-    let api_lines = lines_with(&logs, &["gateway call", "CreateWorker", "corr-audit-1"]);
+    let api_lines = lines_with(&["gateway call", "CreateWorker", "corr-audit-1"]);
     assert_eq!(
         api_lines.len(),
         1,
@@ -99,7 +69,7 @@ async fn audit_lines_name_the_caller_and_the_correlation_id() {
     c.start_worker(pb::StartWorkerRequest { id: id.clone() })
         .await
         .unwrap();
-    let started = lines_with(&logs, &["worker started", &id]);
+    let started = lines_with(&["worker started", &id]);
     assert_eq!(started.len(), 1, "{started:?}");
     assert!(started[0].contains("caller=local"), "{}", started[0]);
     assert!(started[0].contains("correlation_id="), "{}", started[0]);
