@@ -12,6 +12,9 @@
 #     acknowledged state is lost;
 #   - a reboot keeps state (Valkey appendonly) and the websocketmanager's
 #     connections come back;
+#   - a native worker (the DevKit example, in virtufin-worker-host) answers
+#     under the unit's sandbox, and its gateway_call reaches the
+#     websocketmanager through the api's Gateway;
 #   - API keys as systemd credentials: the downstream services become ready
 #     presenting their own keys, a call without a key is refused, the
 #     Gateway reaches both downstream services by reflection, a bound key
@@ -51,6 +54,8 @@ command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install -
 say "building release binaries and the .deb"
 # The workmanager package also builds virtufin-worker-host (its native host).
 cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocketmanager -p virtufin-workmanager -p virtufin-testkit --bins
+# The example native worker (a cdylib) the chain test runs.
+cargo build --release --locked -p virtufin-worker-example-echo
 cargo deb -p virtufin --no-build --locked >/dev/null
 DEB=$(ls -t target/debian/virtufin_*.deb | head -1)
 pass "cargo deb -p virtufin built $(basename "$DEB")"
@@ -108,6 +113,14 @@ prop() { in_ct systemctl show -P "$2" "$1"; }
 wait_active() { for _ in $(seq 300); do [ "$(in_ct systemctl is-active "$1")" = active ] && return 0; sleep 0.1; done; return 1; }
 cleanup() { [ -n "$NSPAWN" ] && kill "$NSPAWN" 2>/dev/null || true; }
 trap cleanup EXIT
+# Waits until the api lists a subscription by that subscriber (the signal
+# that a publish will be seen).
+subscribed_as() {
+  in_ct python3 -c 'import json, sys, urllib.request
+s = json.load(urllib.request.urlopen("http://127.0.0.1:5001/v1/pubsub/subscriptions"))
+sys.exit(0 if any(x["subscriber"] == sys.argv[1] for x in s["subscriptions"]) else 1)' "$1" 2>/dev/null
+}
+wait_subscribed() { for _ in $(seq 100); do subscribed_as "$1" && return 0; sleep 0.1; done; return 1; }
 
 say "boot"
 boot
@@ -133,13 +146,7 @@ check "the workmanager is active again" wait_active virtufin-workmanager
 say "the seed's smoke check, inside the container"
 in_ct grpcurl -plaintext virtufin-api:5002 virtufin.api.v1.Health/HealthCheck >/dev/null && pass "Health/HealthCheck" || fail "Health/HealthCheck"
 in_ct sh -c 'grpcurl -plaintext -d '"'"'{"topic":"websocketmanager.connectionstatus","subscriber":"test","group":"smoke"}'"'"' virtufin-api:5002 virtufin.api.v1.Pubsub/Subscribe >/tmp/sub.out 2>&1 & echo $! >/tmp/sub.pid'
-# Wait until the api lists the subscription (its HTTP side says so).
-subscribed() {
-  in_ct python3 -c 'import json, sys, urllib.request
-s = json.load(urllib.request.urlopen("http://127.0.0.1:5001/v1/pubsub/subscriptions"))
-sys.exit(0 if any(x["subscriber"] == "test" and x["group"] == "smoke" for x in s["subscriptions"]) else 1)' 2>/dev/null
-}
-for _ in $(seq 100); do subscribed && break; sleep 0.1; done
+wait_subscribed test
 in_ct grpcurl -plaintext -d '{"topic":"websocketmanager.connectionstatus","data":"{\"connection_id\":\"smoke\",\"url\":\"ws://localhost\"}","metadata":{"ce-type":"com.virtufin.websocketmanager.connection.connected","ce-source":"urn:test","ce-id":"smoke-1"}}' virtufin-api:5002 virtufin.api.v1.Pubsub/PublishEvent >/dev/null &&
   pass "Pubsub/PublishEvent" || fail "Pubsub/PublishEvent"
 in_ct grpcurl -plaintext -d '{"topic":"websocketmanager.connectionstatus","subscriber":"test","group":"smoke"}' virtufin-api:5002 virtufin.api.v1.Pubsub/Unsubscribe >/dev/null &&
@@ -198,11 +205,23 @@ conn_back() {
 check "the websocketmanager's connection came back (a correlated send answers)" conn_back
 worker_back() { in_ct virtufin workers list | grep "\"id\":\"$worker\"" | grep -q '"status":"running"'; }
 check "the workmanager's worker came back" worker_back
-in_ct sh -c 'virtufin subscribe chain-answers --count 1 >/tmp/answer.out 2>&1 & echo $! >/tmp/answer.pid'
-sleep 0.5
+in_ct sh -c 'virtufin subscribe chain-answers --subscriber chain-answers --count 1 >/tmp/answer.out 2>&1 & echo $! >/tmp/answer.pid'
+wait_subscribed chain-answers
 in_ct virtufin publish chain-jobs after-reboot >/dev/null
 for _ in $(seq 100); do in_ct sh -c 'kill -0 $(cat /tmp/answer.pid) 2>/dev/null' || break; sleep 0.1; done
 check "... and answers events" in_ct grep -q after-reboot /tmp/answer.out
+
+say "a native worker (C ABI v1, in virtufin-worker-host) under the units' sandbox"
+cp target/release/libvirtufin_echo_worker.so "$WORK/root/"
+native=$(in_ct virtufin workers create /root/libvirtufin_echo_worker.so --topic chain-native-jobs --start | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
+check "a native worker is running ($native)" test -n "$native"
+in_ct sh -c 'virtufin subscribe com.virtufin.example.echo.reply --subscriber chain-native --count 2 >/tmp/native.out 2>&1 & echo $! >/tmp/native.pid'
+wait_subscribed chain-native
+in_ct virtufin publish chain-native-jobs '{"command":"echo","payload":"native-under-systemd"}' >/dev/null
+in_ct virtufin publish chain-native-jobs '{"command":"gateway","service":"websocketmanager","method":"List","request":{}}' >/dev/null
+for _ in $(seq 100); do in_ct sh -c 'kill -0 $(cat /tmp/native.pid) 2>/dev/null' || break; sleep 0.1; done
+check "... and answers an event" in_ct grep -q native-under-systemd /tmp/native.out
+check "... and its gateway_call reaches the websocketmanager through the api's Gateway" in_ct grep -q "$conn" /tmp/native.out
 
 say "API keys as systemd credentials, and the Gateway"
 # Keys and bindings for the api; each downstream service gets its own key
