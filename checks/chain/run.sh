@@ -220,7 +220,9 @@ wait_subscribed chain-native
 in_ct virtufin publish chain-native-jobs '{"command":"echo","payload":"native-under-systemd"}' >/dev/null
 in_ct virtufin publish chain-native-jobs '{"command":"gateway","service":"websocketmanager","method":"List","request":{}}' >/dev/null
 for _ in $(seq 100); do in_ct sh -c 'kill -0 $(cat /tmp/native.pid) 2>/dev/null' || break; sleep 0.1; done
-check "... and answers an event" in_ct grep -q native-under-systemd /tmp/native.out
+native_answered() { in_ct grep -q native-under-systemd /tmp/native.out; }
+check "... and answers an event" native_answered
+native_answered || in_ct sh -c 'echo "   subscriber output:"; cat /tmp/native.out; echo "   lifecycle events:"; timeout 3 virtufin subscribe workmanager.workerstatus --subscriber chain-diag | grep error' || true
 check "... and its gateway_call reaches the websocketmanager through the api's Gateway" in_ct grep -q "$conn" /tmp/native.out
 
 say "API keys as systemd credentials, and the Gateway"
@@ -287,6 +289,12 @@ for u in $UNITS; do
   echo "   $u idle RSS: $(in_ct awk '/VmRSS/ {printf "%.1f MiB", $2/1024}' "/proc/$pid/status") (target ≤ 20 MiB)"
 done
 
+if [ "$failures" -gt 0 ]; then
+  for u in $UNITS; do
+    say "journal of $u (last 40 lines), for the failures above"
+    in_ct journalctl -u "$u" --no-pager -n 40 -o short-monotonic || true
+  done
+fi
 in_ct systemctl poweroff || true
 wait "$NSPAWN" || true
 NSPAWN=""
