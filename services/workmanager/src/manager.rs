@@ -92,6 +92,25 @@ fn client_error(e: ClientError) -> ApiError {
     }
 }
 
+/// Tag that lowers a worker's address-space limit (MiB).
+pub const LIMIT_MEMORY_TAG: &str = "limits.memory_mb";
+/// Tag that lowers a worker's per-event timeout (milliseconds).
+pub const LIMIT_TIMEOUT_TAG: &str = "limits.event_timeout_ms";
+
+/// One worker's resource limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Address-space limit of its process, MiB (0: none).
+    pub memory_mb: u64,
+    pub event_timeout: Duration,
+}
+
+impl Limits {
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_mb.saturating_mul(1024 * 1024)
+    }
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::Digest;
     hex(&sha2::Sha256::digest(data))
@@ -356,6 +375,47 @@ impl Shared {
         }
     }
 
+    /// The worker's limits: the settings, lowered by its `limits.*` tags.
+    pub fn limits_of(&self, tags: &BTreeMap<String, String>) -> Result<Limits, ApiError> {
+        let cfg = &self.config;
+        let mut l = Limits {
+            memory_mb: cfg.memory_limit_mb,
+            event_timeout: cfg.event_timeout,
+        };
+        let number = |key: &str, v: &str, max: u64, unit: &str| -> Result<u64, ApiError> {
+            match v.trim().parse::<u64>() {
+                Ok(n) if n >= 1 && (max == 0 || n <= max) => Ok(n),
+                _ => Err(ApiError::invalid(format!(
+                    "tag '{key}' is '{v}': a whole number of {unit} from 1 to {max} (the workmanager's setting{}; raise that to allow more)",
+                    if max == 0 { ", no limit" } else { "" }
+                ))),
+            }
+        };
+        for (k, v) in tags {
+            match k.as_str() {
+                LIMIT_MEMORY_TAG => {
+                    let max = if cfg.memory_limit_mb == 0 {
+                        u64::MAX
+                    } else {
+                        cfg.memory_limit_mb
+                    };
+                    l.memory_mb = number(k, v, max, "MiB")?;
+                }
+                LIMIT_TIMEOUT_TAG => {
+                    let max = u64::try_from(cfg.event_timeout.as_millis()).unwrap_or(u64::MAX);
+                    l.event_timeout = Duration::from_millis(number(k, v, max, "milliseconds")?);
+                }
+                other if other.starts_with("limits.") => {
+                    return Err(ApiError::invalid(format!(
+                        "unknown limit tag '{other}': use {LIMIT_MEMORY_TAG} or {LIMIT_TIMEOUT_TAG}"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(l)
+    }
+
     pub fn check_tags<'a>(
         tags: impl IntoIterator<Item = (&'a String, &'a String)>,
     ) -> Result<usize, ApiError> {
@@ -399,6 +459,7 @@ impl Shared {
             virtufin_common::validate::member("group", group)?;
         }
         Self::check_tags(tags.iter())?;
+        self.limits_of(&tags.iter().map(|(k, v)| (k.clone(), v.clone())).collect())?;
         let (code, source) = self.check_code(kind, &content, &url, &sha256).await?;
         let id = uuid::Uuid::new_v4().to_string();
         let group = if group.is_empty() {
@@ -439,6 +500,12 @@ impl Shared {
             config: rec.config.clone().into_iter().collect(),
             kind: Kind::from_mime(&rec.mime_type).unwrap_or(Kind::Python),
             code,
+            // Checked when the tags were set; a record from before limits
+            // existed falls back to the settings.
+            limits: self.limits_of(&rec.tags).unwrap_or(Limits {
+                memory_mb: self.config.memory_limit_mb,
+                event_timeout: self.config.event_timeout,
+            }),
         };
         {
             // Check and insert under one lock: two concurrent starts must
@@ -549,6 +616,7 @@ impl Shared {
         let mut merged = rec.tags.clone();
         merged.extend(tags);
         Self::check_tags(merged.iter())?;
+        self.limits_of(&merged)?;
         rec.tags = merged;
         self.save(&rec).await?;
         tracing::info!(target: "audit", caller = %by.caller, correlation_id = %by.correlation_id, worker = %id, mime_type = %rec.mime_type, action = "set_tags", "worker tags changed");

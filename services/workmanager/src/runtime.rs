@@ -29,6 +29,7 @@ pub struct WorkerSpec {
     pub config: HashMap<String, String>,
     pub kind: Kind,
     pub code: Vec<u8>,
+    pub limits: crate::manager::Limits,
 }
 
 /// Handle to a running worker.
@@ -260,7 +261,16 @@ async fn handle(
     ev: &pb::TopicEventRequest,
 ) -> EventStatus {
     if engine.is_none() {
-        match Engine::start(spec.kind, &shared.config, &spec.id, &spec.code, dir).await {
+        match Engine::start(
+            spec.kind,
+            &shared.config,
+            spec.limits.memory_bytes(),
+            &spec.id,
+            &spec.code,
+            dir,
+        )
+        .await
+        {
             Ok(e) => *engine = Some(e),
             Err(err) => {
                 tracing::warn!(error = %err, "cannot start the worker process");
@@ -274,7 +284,7 @@ async fn handle(
     };
     let input = event_dict(ev, &spec.config);
     match e
-        .process(input.clone(), shared.config.event_timeout, &shared.api)
+        .process(input.clone(), spec.limits.event_timeout, &shared.api)
         .await
     {
         Ok(None) => {

@@ -93,22 +93,32 @@ pub enum Engine {
 }
 
 impl Engine {
-    /// Starts the engine `kind` on `code` in `dir`.
+    /// Starts the engine `kind` on `code` in `dir`, its process limited to
+    /// `memory_limit_bytes` of address space (0: none).
     pub async fn start(
         kind: Kind,
         config: &crate::Config,
+        memory_limit_bytes: u64,
         worker: &str,
         code: &[u8],
         dir: &std::path::Path,
     ) -> Result<Self, EngineError> {
         match kind {
             Kind::Python => {
-                python::PythonEngine::start(&config.python_options(), worker, code, dir)
+                let options = python::PythonOptions {
+                    memory_limit_bytes,
+                    ..config.python_options()
+                };
+                python::PythonEngine::start(&options, worker, code, dir)
                     .await
                     .map(Engine::Python)
             }
             Kind::Native => {
-                native::NativeEngine::start(&config.native_options(), worker, code, dir)
+                let options = native::NativeOptions {
+                    memory_limit_bytes,
+                    ..config.native_options()
+                };
+                native::NativeEngine::start(&options, worker, code, dir)
                     .await
                     .map(Engine::Native)
             }
