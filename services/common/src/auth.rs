@@ -275,11 +275,9 @@ pub struct GrpcAuth(pub Arc<ApiKeys>);
 
 impl tonic::service::Interceptor for GrpcAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        let presented = req
-            .metadata()
-            .get(API_KEY_HEADER)
-            .map(|v| v.as_bytes().to_vec());
-        let caller = self.0.authenticate(presented.as_deref())?;
+        let caller = self
+            .0
+            .authenticate(req.metadata().get(API_KEY_HEADER).map(|v| v.as_bytes()))?;
         req.extensions_mut().insert(caller);
         Ok(req)
     }
@@ -301,11 +299,7 @@ pub async fn http_auth(
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let presented = req
-        .headers()
-        .get(API_KEY_HEADER)
-        .map(|v| v.as_bytes().to_vec());
-    match keys.authenticate(presented.as_deref()) {
+    match keys.authenticate(req.headers().get(API_KEY_HEADER).map(|v| v.as_bytes())) {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
             next.run(req).await

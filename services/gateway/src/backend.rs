@@ -2,7 +2,7 @@
 //! circuit breaker, and calls to it with deadline and retries.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::{Duration, Instant},
 };
 
@@ -36,7 +36,11 @@ pub const CORRELATION_HEADER: &str = "x-correlation-id";
 pub struct Backend {
     pub config: ServiceConfig,
     channel: Option<Channel>,
-    catalog: tokio::sync::Mutex<Option<(Arc<Catalog>, Instant)>>,
+    /// The learnt methods, read on every call (a plain lock, held for a
+    /// clone); `discovery` serialises learning them, so concurrent first
+    /// calls ask reflection once.
+    catalog: RwLock<Option<(Arc<Catalog>, Instant)>>,
+    discovery: tokio::sync::Mutex<()>,
     pub breaker: Breaker,
 }
 
@@ -82,7 +86,8 @@ impl Backend {
         Self {
             config,
             channel,
-            catalog: tokio::sync::Mutex::new(None),
+            catalog: RwLock::new(None),
+            discovery: tokio::sync::Mutex::new(()),
             breaker,
         }
     }
@@ -111,23 +116,34 @@ impl Backend {
         })
     }
 
+    fn learnt(&self) -> Option<(Arc<Catalog>, Instant)> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// The catalog learnt before, if any (no network).
     pub fn cached(&self) -> Option<Arc<Catalog>> {
-        self.catalog
-            .try_lock()
-            .ok()
-            .and_then(|c| c.as_ref().map(|(c, _)| c.clone()))
+        self.learnt().map(|(c, _)| c)
     }
 
     /// The backend's methods; learnt on first use, again when `refresh`
     /// and the last answer is older than a few seconds.
     pub async fn catalog(&self, refresh: bool) -> Result<Arc<Catalog>, Status> {
         let channel = self.channel()?;
-        let mut slot = self.catalog.lock().await;
-        if let Some((c, at)) = slot.as_ref()
-            && (!refresh || at.elapsed() < REFRESH_AFTER)
-        {
-            return Ok(c.clone());
+        let fresh = |l: &Option<(Arc<Catalog>, Instant)>| {
+            l.as_ref()
+                .filter(|(_, at)| !refresh || at.elapsed() < REFRESH_AFTER)
+                .map(|(c, _)| c.clone())
+        };
+        if let Some(c) = fresh(&self.learnt()) {
+            return Ok(c);
+        }
+        let _one_at_a_time = self.discovery.lock().await;
+        // Another call may have learnt it while this one waited.
+        if let Some(c) = fresh(&self.learnt()) {
+            return Ok(c);
         }
         self.admit()?;
         let name = self.name().to_owned();
@@ -135,7 +151,8 @@ impl Backend {
             Ok(c) => {
                 self.breaker.success();
                 let c = Arc::new(c);
-                *slot = Some((c.clone(), Instant::now()));
+                *self.catalog.write().unwrap_or_else(|p| p.into_inner()) =
+                    Some((c.clone(), Instant::now()));
                 Ok(c)
             }
             Err(DiscoverError::NoReflection(why)) => {
@@ -158,8 +175,8 @@ impl Backend {
     }
 
     /// Forgets the learnt methods (the backend changed under us).
-    pub async fn forget(&self) {
-        *self.catalog.lock().await = None;
+    pub fn forget(&self) {
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     fn admit(&self) -> Result<(), Status> {
@@ -265,7 +282,7 @@ impl Backend {
                 }
                 Err(s) => {
                     if s.code() == Code::Unimplemented {
-                        self.forget().await;
+                        self.forget();
                     }
                     return Err(s);
                 }
