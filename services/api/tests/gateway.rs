@@ -716,35 +716,22 @@ async fn api_keys_matrix() {
 
     // REST: 401 without or with a wrong key, health open.
     let http = reqwest::Client::new();
-    assert_eq!(
-        http.get(s.http("/v1/state/workmanager/k"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        http.get(s.http("/v1/state/workmanager/k"))
-            .header("x-api-key", "nope")
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        http.get(s.http("/v1/gateway/list-services"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        http.get(s.http("/health")).send().await.unwrap().status(),
-        200
-    );
+    for (path, key, want) in [
+        ("/v1/state/workmanager/k", None, 401),
+        ("/v1/state/workmanager/k", Some("nope"), 401),
+        ("/v1/gateway/list-services", None, 401),
+        ("/health", None, 200),
+    ] {
+        let mut r = http.get(s.http(path));
+        if let Some(k) = key {
+            r = r.header("x-api-key", k);
+        }
+        assert_eq!(
+            r.send().await.unwrap().status(),
+            want,
+            "{path} with {key:?}"
+        );
+    }
 
     // A key bound to workmanager: its own state yes, another's no (nothing
     // changes), and the gateway only to its services.

@@ -82,16 +82,9 @@ async fn inside(
     event: Value,
     n: usize,
 ) -> Inside {
-    let mut engine = Engine::start(
-        kind,
-        cfg,
-        cfg.memory_limit_mb.saturating_mul(1024 * 1024),
-        "bench",
-        code,
-        dir,
-    )
-    .await
-    .unwrap();
+    let mut engine = Engine::start(kind, cfg, cfg.memory_limit_bytes(), "bench", code, dir)
+        .await
+        .unwrap();
     let t = Duration::from_secs(5);
     for _ in 0..100 {
         engine.process(event.clone(), t, &NoGateway).await.unwrap();

@@ -124,6 +124,11 @@ impl Config {
             .unwrap_or_else(|| self.python.clone())
     }
 
+    /// The per-process address-space limit in bytes (0: none).
+    pub fn memory_limit_bytes(&self) -> u64 {
+        self.memory_limit_mb.saturating_mul(1024 * 1024)
+    }
+
     pub fn python_options(&self) -> PythonOptions {
         PythonOptions {
             python: self.python_path(),
@@ -135,7 +140,7 @@ impl Config {
                 .map(str::to_owned)
                 .collect(),
             ready_timeout: self.ready_timeout,
-            memory_limit_bytes: self.memory_limit_mb.saturating_mul(1024 * 1024),
+            memory_limit_bytes: self.memory_limit_bytes(),
             max_frame_bytes: 16 * 1024 * 1024,
         }
     }
@@ -155,7 +160,7 @@ impl Config {
         NativeOptions {
             host: self.worker_host_path(),
             ready_timeout: self.ready_timeout,
-            memory_limit_bytes: self.memory_limit_mb.saturating_mul(1024 * 1024),
+            memory_limit_bytes: self.memory_limit_bytes(),
             max_frame_bytes: 16 * 1024 * 1024,
         }
     }

@@ -382,12 +382,12 @@ impl Shared {
             memory_mb: cfg.memory_limit_mb,
             event_timeout: cfg.event_timeout,
         };
+        // `max` is the workmanager's setting: a tag may lower it, not raise it.
         let number = |key: &str, v: &str, max: u64, unit: &str| -> Result<u64, ApiError> {
             match v.trim().parse::<u64>() {
-                Ok(n) if n >= 1 && (max == 0 || n <= max) => Ok(n),
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
                 _ => Err(ApiError::invalid(format!(
-                    "tag '{key}' is '{v}': a whole number of {unit} from 1 to {max} (the workmanager's setting{}; raise that to allow more)",
-                    if max == 0 { ", no limit" } else { "" }
+                    "tag '{key}' is '{v}': a whole number of {unit} from 1 to {max} (the workmanager's setting; raise that to allow more)"
                 ))),
             }
         };

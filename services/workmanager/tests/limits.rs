@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{create, lifecycle, publish, stack, subscribe, wm};
+use common::{create, create_started, first_error, publish, stack, subscribe, wm};
 use virtufin_proto::workmanager::v1 as pb;
 
 fn with_tags(mut r: pb::CreateWorkerRequest, tags: &[(&str, &str)]) -> pb::CreateWorkerRequest {
@@ -16,19 +16,6 @@ fn with_tags(mut r: pb::CreateWorkerRequest, tags: &[(&str, &str)]) -> pb::Creat
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     r
-}
-
-/// The first `error` lifecycle event of `worker`.
-async fn first_error(
-    status: &mut tonic::Streaming<virtufin_api_client::pb::TopicEventRequest>,
-    worker: &str,
-) -> serde_json::Value {
-    loop {
-        let (kind, d) = lifecycle(status, worker).await;
-        if kind == "error" {
-            return d;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -77,20 +64,14 @@ async fn limits_tags_lower_one_workers_memory_and_timeout() {
 
     // A hang: the tag's 300 ms, not the settings' 5 s.
     let hangs = "def Process(event):\n    while True:\n        pass\n";
-    let quick = w
-        .client
-        .create_worker(with_tags(
+    let quick = create_started(
+        &mut w.client,
+        with_tags(
             create(hangs, "hang-quick", &[]),
             &[("limits.event_timeout_ms", "300")],
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    w.client
-        .start_worker(pb::StartWorkerRequest { id: quick.clone() })
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     publish(&s.api, "hang-quick", "x", &[]).await;
     let d = first_error(&mut status, &quick).await;
     assert_eq!(d["error_type"], "timeout", "{d}");

@@ -126,28 +126,10 @@ def Process(event):
 
     // A user exception: reported with its Python type, the worker lives on.
     let raises = "def Process(event):\n    raise ValueError('bad input ' + str(event['data']))\n";
-    let id2 = w
-        .client
-        .create_worker(create(raises, "raisy", &[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    w.client
-        .start_worker(pb::StartWorkerRequest { id: id2.clone() })
-        .await
-        .unwrap();
+    let id2 = create_started(&mut w.client, create(raises, "raisy", &[])).await;
     publish(&s.api, "raisy", "7", &[]).await;
-    let (k, d) = loop {
-        let x = lifecycle(&mut status, &id2).await;
-        if x.0 == "error" {
-            break x;
-        }
-    };
-    assert_eq!(
-        (k.as_str(), d["error_type"].as_str()),
-        ("error", Some("ValueError"))
-    );
+    let d = first_error(&mut status, &id2).await;
+    assert_eq!(d["error_type"], "ValueError", "{d}");
     assert!(
         d["error_message"].as_str().unwrap().contains("bad input 7"),
         "{d}"
@@ -155,46 +137,16 @@ def Process(event):
 
     // A hang: timed out, killed, reported.
     let hangs = "def Process(event):\n    while True:\n        pass\n";
-    let id3 = w
-        .client
-        .create_worker(create(hangs, "hangy", &[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    w.client
-        .start_worker(pb::StartWorkerRequest { id: id3.clone() })
-        .await
-        .unwrap();
+    let id3 = create_started(&mut w.client, create(hangs, "hangy", &[])).await;
     publish(&s.api, "hangy", "x", &[]).await;
-    let d = loop {
-        let x = lifecycle(&mut status, &id3).await;
-        if x.0 == "error" {
-            break x.1;
-        }
-    };
+    let d = first_error(&mut status, &id3).await;
     assert_eq!(d["error_type"], "timeout", "{d}");
 
     // A blocked module: the code does not load.
     let blocked = "import subprocess\ndef Process(event):\n    return None\n";
-    let id4 = w
-        .client
-        .create_worker(create(blocked, "blocky", &[]))
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
-    w.client
-        .start_worker(pb::StartWorkerRequest { id: id4.clone() })
-        .await
-        .unwrap();
+    let id4 = create_started(&mut w.client, create(blocked, "blocky", &[])).await;
     publish(&s.api, "blocky", "x", &[]).await;
-    let d = loop {
-        let x = lifecycle(&mut status, &id4).await;
-        if x.0 == "error" {
-            break x.1;
-        }
-    };
+    let d = first_error(&mut status, &id4).await;
     assert_eq!(d["error_type"], "load:ImportError", "{d}");
     assert!(
         d["error_message"].as_str().unwrap().contains("not allowed"),

@@ -195,6 +195,32 @@ pub async fn lifecycle(
     }
 }
 
+/// The first `error` lifecycle event of `worker`: its data.
+pub async fn first_error(
+    s: &mut tonic::Streaming<api_pb::TopicEventRequest>,
+    worker: &str,
+) -> serde_json::Value {
+    loop {
+        let (kind, d) = lifecycle(s, worker).await;
+        if kind == "error" {
+            return d;
+        }
+    }
+}
+
+/// Creates a worker and starts it; its id.
+pub async fn create_started(
+    client: &mut WorkManagerClient<Channel>,
+    req: pb::CreateWorkerRequest,
+) -> String {
+    let id = client.create_worker(req).await.unwrap().into_inner().id;
+    client
+        .start_worker(pb::StartWorkerRequest { id: id.clone() })
+        .await
+        .unwrap();
+    id
+}
+
 pub fn ext(ev: &api_pb::TopicEventRequest, k: &str) -> Option<String> {
     ev.extensions
         .as_ref()?
