@@ -101,9 +101,14 @@ NSPAWN=""
 boot() {
   systemd-nspawn -q -D "$WORK" --register=no --keep-unit --private-network -b >"$CACHE/console.log" 2>&1 &
   NSPAWN=$!
+  # The container's PID 1 is nspawn's child running systemd; nspawn's
+  # short-lived helper child must not be taken for it (that flaked once:
+  # every later nsenter hit a gone PID).
+  LEADER=""
   for _ in $(seq 100); do
-    LEADER=$(pgrep -P "$NSPAWN" | head -1 || true)
-    [ -n "$LEADER" ] && break
+    for p in $(pgrep -P "$NSPAWN"); do
+      [ "$(cat "/proc/$p/comm" 2>/dev/null)" = systemd ] && { LEADER=$p; break 2; }
+    done
     sleep 0.1
   done
   in_ct systemctl is-system-running --wait >/dev/null || true
