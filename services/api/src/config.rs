@@ -52,6 +52,12 @@ pub struct Config {
     #[arg(long, env = "VIRTUFIN_VALKEY_URL")]
     pub valkey_url: Option<String>,
 
+    /// A file holding Valkey's password (its content, surrounding
+    /// whitespace trimmed). Default: the systemd credential
+    /// `valkey-password`, if the service has one.
+    #[arg(long, env = "VIRTUFIN_VALKEY_PASSWORD_FILE")]
+    pub valkey_password_file: Option<PathBuf>,
+
     /// App id: the prefix of state keys (`<app-id>||<service>/<key>`), as
     /// Dapr's state.redis writes them.
     #[arg(long, env = "VIRTUFIN_APP_ID", default_value = "virtufin-api")]
@@ -157,6 +163,40 @@ impl Config {
 
     pub fn grpc_addr(&self) -> SocketAddr {
         SocketAddr::new(self.grpc_host, self.grpc_port)
+    }
+
+    /// Valkey's password, from VIRTUFIN_VALKEY_PASSWORD_FILE or else the
+    /// systemd credential `valkey-password`; None when neither is there.
+    /// A file that cannot be read, an empty one, or one given as well as a
+    /// password in the URL is an error naming it.
+    pub fn valkey_password(&self) -> Result<Option<String>, String> {
+        let (path, source) = match &self.valkey_password_file {
+            Some(p) => (p.clone(), "VIRTUFIN_VALKEY_PASSWORD_FILE"),
+            None => match virtufin_common::config::credential("valkey-password") {
+                Some(p) => (p, "the systemd credential valkey-password"),
+                None => return Ok(None),
+            },
+        };
+        let shown = path.display();
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| format!("cannot read the Valkey password file {shown} ({source}): {e}"))?;
+        // As Valkey reads it through NixOS's requirePassFile: one config line.
+        let password = text.trim_ascii();
+        if password.is_empty() {
+            return Err(format!(
+                "the Valkey password file {shown} ({source}) is empty"
+            ));
+        }
+        if self
+            .valkey_url
+            .as_deref()
+            .is_some_and(virtufin_store::valkey::url_has_password)
+        {
+            return Err(format!(
+                "VIRTUFIN_VALKEY_URL carries a password and {shown} ({source}) gives one too: keep one"
+            ));
+        }
+        Ok(Some(password.to_owned()))
     }
 
     /// Checks what clap cannot: combinations of settings.

@@ -107,6 +107,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     config.check().map_err(RunError::Config)?;
+    let valkey_password = match config.backend_kind() {
+        BackendKind::Valkey => config.valkey_password().map_err(RunError::Config)?,
+        _ => None,
+    };
     // Without a file setting, a systemd credential named "api-keys" is used.
     let keys_file = config
         .api_keys_file
@@ -224,6 +228,7 @@ pub async fn run(
     tasks.spawn(connect_and_probe(
         app.clone(),
         config.clone(),
+        valkey_password,
         store_check,
         broker_check,
     ));
@@ -282,6 +287,7 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 async fn connect_and_probe(
     app: Arc<App>,
     config: Config,
+    valkey_password: Option<String>,
     store_check: virtufin_common::Check,
     broker_check: virtufin_common::Check,
 ) {
@@ -294,6 +300,7 @@ async fn connect_and_probe(
                 let mut o =
                     valkey::ValkeyOptions::new(config.valkey_url.clone().unwrap_or_default());
                 o.key_prefix = config.app_id.clone();
+                o.password.clone_from(&valkey_password);
                 o.stream_max_len = config.stream_max_len;
                 valkey::connect(o, delivery.clone()).await
             }

@@ -154,3 +154,103 @@ async fn a_taken_port_exits_1_naming_it() {
     )
     .await;
 }
+
+/// A directory standing in for systemd's $CREDENTIALS_DIRECTORY.
+fn credentials(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.path().join(name), content).unwrap();
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_password_from_the_systemd_credential() {
+    let valkey = ValkeyServer::start_with_password("s3cret-pw");
+    // Without the password the api waits, saying why.
+    let notify = NotifyListener::bind();
+    let (mut cmd, _, _) = api_command(Some(&notify));
+    cmd.env("VIRTUFIN_VALKEY_URL", valkey.url());
+    let mut child = cmd.spawn().unwrap();
+    // (The first status says it is connecting; the next ones why it waits.)
+    let status = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let seen = notify
+                .wait_for("STATUS=waiting for", Duration::from_secs(20))
+                .await;
+            assert!(seen.iter().all(|m| !m.contains("READY=1")), "{seen:?}");
+            let status = seen.last().unwrap().to_lowercase();
+            if !status.contains("connecting to") {
+                return status;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.contains("auth"), "names the refusal: {status}");
+    child.kill().await.unwrap();
+
+    // With the credential valkey-password (as NixOS's LoadCredential= puts
+    // it, trailing newline included) it becomes ready: READY=1 follows a
+    // state and pub/sub round trip on that Valkey.
+    let creds = credentials(&[("valkey-password", "s3cret-pw\n")]);
+    let notify = NotifyListener::bind();
+    let (mut cmd, _, _) = api_command(Some(&notify));
+    cmd.env("VIRTUFIN_VALKEY_URL", valkey.url())
+        .env("CREDENTIALS_DIRECTORY", creds.path());
+    let mut child = cmd.spawn().unwrap();
+    let seen = notify.wait_for("READY=1", Duration::from_secs(20)).await;
+    assert!(seen.last().unwrap().contains("STATUS=virtufin-api ready"));
+    child.kill().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_password_file_setting_wins_over_the_credential() {
+    let valkey = ValkeyServer::start_with_password("right-pw");
+    let creds = credentials(&[("valkey-password", "wrong-pw")]);
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), "right-pw").unwrap();
+    let notify = NotifyListener::bind();
+    let (mut cmd, _, _) = api_command(Some(&notify));
+    cmd.env("VIRTUFIN_VALKEY_URL", valkey.url())
+        .env("CREDENTIALS_DIRECTORY", creds.path())
+        .env("VIRTUFIN_VALKEY_PASSWORD_FILE", file.path());
+    let mut child = cmd.spawn().unwrap();
+    notify.wait_for("READY=1", Duration::from_secs(20)).await;
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_valkey_password_files_exit_1_naming_the_file() {
+    let url = "redis://127.0.0.1:1";
+    fails_with(
+        &[
+            ("VIRTUFIN_VALKEY_URL", url),
+            ("VIRTUFIN_VALKEY_PASSWORD_FILE", "/nonexistent/valkey-password"),
+        ],
+        "cannot read the Valkey password file /nonexistent/valkey-password (VIRTUFIN_VALKEY_PASSWORD_FILE)",
+    )
+    .await;
+    let empty = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(empty.path(), "\n").unwrap();
+    let shown = empty.path().display().to_string();
+    fails_with(
+        &[
+            ("VIRTUFIN_VALKEY_URL", url),
+            ("VIRTUFIN_VALKEY_PASSWORD_FILE", &shown),
+        ],
+        &format!("the Valkey password file {shown} (VIRTUFIN_VALKEY_PASSWORD_FILE) is empty"),
+    )
+    .await;
+    let pw = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(pw.path(), "pw").unwrap();
+    let shown = pw.path().display().to_string();
+    fails_with(
+        &[
+            ("VIRTUFIN_VALKEY_URL", "redis://:other@127.0.0.1:1"),
+            ("VIRTUFIN_VALKEY_PASSWORD_FILE", &shown),
+        ],
+        "VIRTUFIN_VALKEY_URL carries a password and",
+    )
+    .await;
+}

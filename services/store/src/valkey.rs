@@ -12,7 +12,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{
-    AsyncConnectionConfig, Client, RedisError, Script, Value,
+    AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError, Script, Value,
     aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
 };
 
@@ -22,10 +22,12 @@ use crate::{
 };
 
 /// How the Valkey backend connects and lays out its data.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ValkeyOptions {
     /// `redis://host:port[/db]`, `redis+unix:///path` or `unix:///path`.
     pub url: String,
+    /// Password to authenticate with (`AUTH`), in place of one in the URL.
+    pub password: Option<String>,
     /// Prefix of state keys; Dapr uses the app id (`virtufin-api`).
     pub key_prefix: String,
     /// Approximate bound of each topic's stream (`MAXLEN ~`).
@@ -38,11 +40,31 @@ impl ValkeyOptions {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            password: None,
             key_prefix: "virtufin-api".into(),
             stream_max_len: 100_000,
             response_timeout: Duration::from_secs(5),
         }
     }
+}
+
+// The password never shows in logs or errors.
+impl std::fmt::Debug for ValkeyOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValkeyOptions")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("key_prefix", &self.key_prefix)
+            .field("stream_max_len", &self.stream_max_len)
+            .field("response_timeout", &self.response_timeout)
+            .finish()
+    }
+}
+
+/// Whether a Valkey URL carries a password (`redis://:PASSWORD@host`).
+pub fn url_has_password(url: &str) -> bool {
+    url.into_connection_info()
+        .is_ok_and(|i| i.redis_settings().password().is_some())
 }
 
 /// Checks a Valkey URL without connecting.
@@ -174,8 +196,17 @@ fn parse_read_reply(v: &Value) -> Vec<Entry> {
 impl ValkeyStore {
     /// Connects once; fails when Valkey does not answer.
     pub async fn connect(options: ValkeyOptions) -> Result<Self> {
-        let client = Client::open(options.url.as_str())
-            .map_err(|e| StoreError::Backend(format!("invalid Valkey URL: {e}")))?;
+        let invalid = |e: RedisError| StoreError::Backend(format!("invalid Valkey URL: {e}"));
+        let mut info = options
+            .url
+            .as_str()
+            .into_connection_info()
+            .map_err(invalid)?;
+        if let Some(password) = &options.password {
+            let redis = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(redis);
+        }
+        let client = Client::open(info).map_err(invalid)?;
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.response_timeout))
             .set_response_timeout(Some(options.response_timeout))

@@ -54,6 +54,7 @@ pub struct ValkeyServer {
     pub port: u16,
     dir: tempfile::TempDir,
     persist: bool,
+    password: Option<String>,
 }
 
 impl ValkeyServer {
@@ -67,9 +68,23 @@ impl ValkeyServer {
         Self::start_on(free_port(), None, true)
     }
 
+    /// Starts a server that requires `password` (`--requirepass`).
+    pub fn start_with_password(password: &str) -> Self {
+        Self::spawn(free_port(), None, false, Some(password.to_owned()))
+    }
+
     /// Starts a server on `port`, reusing `dir` (for restarts) when given.
     /// Returns once the server logs that it accepts connections.
     pub fn start_on(port: u16, dir: Option<tempfile::TempDir>, persist: bool) -> Self {
+        Self::spawn(port, dir, persist, None)
+    }
+
+    fn spawn(
+        port: u16,
+        dir: Option<tempfile::TempDir>,
+        persist: bool,
+        password: Option<String>,
+    ) -> Self {
         let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
         let mut cmd = Command::new(valkey_binary());
         cmd.arg("--port")
@@ -90,6 +105,9 @@ impl ValkeyServer {
             .arg("no")
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
+        if let Some(p) = &password {
+            cmd.arg("--requirepass").arg(p);
+        }
         let mut child = cmd.spawn().expect("start valkey-server");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
@@ -111,6 +129,7 @@ impl ValkeyServer {
             port,
             dir,
             persist,
+            password,
         }
     }
 
@@ -131,10 +150,11 @@ impl ValkeyServer {
         let _ = this.child.wait();
         let port = this.port;
         let persist = this.persist;
+        let password = this.password.take();
         // Move the directory out without running Drop's kill twice.
         let dir = std::mem::replace(&mut this.dir, tempfile::tempdir().expect("tempdir"));
         drop(this);
-        Self::start_on(port, Some(dir), persist)
+        Self::spawn(port, Some(dir), persist, password)
     }
 
     /// Stops the server and returns its data directory and port.
