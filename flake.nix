@@ -17,19 +17,28 @@
     ];
     forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
 
-    # A module with the flake's packages as its package defaults, so it
-    # works without the overlay (NixOS tests make nixpkgs read-only).
-    withPackages = module: {
-      lib,
-      pkgs,
-      ...
-    }: let
-      packages = self.packages.${pkgs.stdenv.hostPlatform.system};
-    in {
-      imports = [module];
-      services.virtufin.package = lib.mkDefault packages.virtufin;
-      services.virtufin.dapr.package = lib.mkDefault packages.daprd;
+    # The flake's packages as the modules' package defaults, so that they
+    # work without the overlay (NixOS tests make nixpkgs read-only). One
+    # module with a fixed key, imported by each of nixosModules.*: NixOS
+    # loads a keyed module once, however many of them a host imports (two
+    # definitions of an option of type package never merge, even equal).
+    packageDefaults = {
+      key = "${toString ./flake.nix}#packageDefaults";
+      _file = "${toString ./flake.nix}#packageDefaults";
+      imports = [
+        ({
+          lib,
+          pkgs,
+          ...
+        }: let
+          packages = self.packages.${pkgs.stdenv.hostPlatform.system};
+        in {
+          services.virtufin.package = lib.mkDefault packages.virtufin;
+          services.virtufin.dapr.package = lib.mkDefault packages.daprd;
+        })
+      ];
     };
+    withPackages = module: {imports = [module packageDefaults];};
   in {
     overlays.default = final: _prev: {
       virtufin = final.callPackage ./packaging/nix/virtufin.nix {};
