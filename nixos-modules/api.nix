@@ -6,7 +6,8 @@
 # and hardening are defined there only. What this module sets under
 # `systemd.services.virtufin-api` becomes the drop-in
 # `virtufin-api.service.d/overrides.conf` (NixOS does that when a package
-# already provides the unit): the environment, the store it requires, and
+# already provides the unit): the environment, EnvironmentFile=, the
+# credentials (Valkey's password among them), the store it requires, and
 # wantedBy (NixOS ignores [Install] sections).
 {
   config,
@@ -14,7 +15,7 @@
   pkgs,
   ...
 }: let
-  inherit (lib) mkDefault mkIf mkMerge optional optionalAttrs;
+  inherit (lib) mkDefault mkIf mkMerge optional optionals optionalAttrs;
   vlib = import ./lib.nix {inherit lib;};
   cfg = config.services.virtufin;
   svc = cfg.api;
@@ -23,12 +24,19 @@
   valkeyUnit = "redis-virtufin.service";
   daprUnit = "virtufin-daprd.service";
   valkeyAddress = "127.0.0.1:${toString cfg.valkey.port}";
+  password = cfg.valkey.passwordFile != null;
+  runs = name: cfg.enable && cfg.${name}.enable && cfg.${name}.imported;
 
   # --- daprd's components (the seed's layout, on the local Valkey) ---------
   yaml = pkgs.formats.yaml {};
+  # The user's secret store (dapr.secretsFile), and the one holding only
+  # Valkey's password: a JSON file daprd's ExecStartPre writes from the
+  # credential into the unit's runtime directory (never in the store).
   secretStoreName = "virtufin-secrets";
+  valkeyStoreName = "virtufin-valkey";
   # systemd puts LoadCredential= files here ($CREDENTIALS_DIRECTORY).
   secretsPath = "/run/credentials/${daprUnit}/secrets.json";
+  valkeySecretsPath = "/run/virtufin-daprd/valkey-secrets.json";
   redisMetadata =
     [
       {
@@ -36,69 +44,76 @@
         value = valkeyAddress;
       }
     ]
-    ++ optional (cfg.valkey.passwordFile != null) {
+    ++ optional password {
       name = "redisPassword";
       secretKeyRef = {
         name = "valkey-password";
         key = "valkey-password";
       };
     };
-  component = name: type: metadata: {
+  secretStore = name: path: {
     apiVersion = "dapr.io/v1alpha1";
     kind = "Component";
     metadata = {inherit name;};
     spec = {
-      inherit type metadata;
+      type = "secretstores.local.file";
       version = "v1";
+      metadata = [
+        {
+          name = "secretsFile";
+          value = path;
+        }
+      ];
     };
-    auth.secretStore = secretStoreName;
   };
-  components = {
-    "statestore.yaml" = component "statestore" "state.redis" redisMetadata;
-    "pubsub.yaml" = component "pubsub" "pubsub.redis" redisMetadata;
-    "secretstore.yaml" = {
+  component = name: type: metadata:
+    {
       apiVersion = "dapr.io/v1alpha1";
       kind = "Component";
-      metadata.name = secretStoreName;
+      metadata = {inherit name;};
       spec = {
-        type = "secretstores.local.file";
+        inherit type metadata;
         version = "v1";
-        metadata = [
-          {
-            name = "secretsFile";
-            value = secretsPath;
-          }
-        ];
       };
+    }
+    // optionalAttrs password {auth.secretStore = valkeyStoreName;};
+  components =
+    {
+      "statestore.yaml" = component "statestore" "state.redis" redisMetadata;
+      "pubsub.yaml" = component "pubsub" "pubsub.redis" redisMetadata;
+      "secretstore.yaml" = secretStore secretStoreName secretsPath;
+    }
+    // optionalAttrs password {
+      "valkey-secretstore.yaml" = secretStore valkeyStoreName valkeySecretsPath;
     };
-  };
-  resourcesDir = pkgs.runCommand "virtufin-dapr-resources" {} ''
-    mkdir -p $out
-    ${lib.concatStringsSep "\n" (lib.mapAttrsToList
-      (file: value: "cp ${yaml.generate file value} $out/${file}")
-      components)}
-  '';
+  resourcesDir = pkgs.linkFarm "virtufin-dapr-resources" (lib.mapAttrs yaml.generate components);
+
   # The Gateway's backends: the downstream services this host runs, as
   # the Debian package's /etc/virtufin/services.json lists them.
-  localHost = address:
-    if address == "0.0.0.0" || address == "::"
-    then "127.0.0.1"
-    else address;
   servicesFile = pkgs.writeText "virtufin-services.json" (builtins.toJSON {
     services =
       map (name: {
         inherit name;
         grpc = {
-          host = localHost cfg.${name}.listenAddress;
+          host = vlib.localAddress cfg.${name}.listenAddress;
           port = cfg.${name}.grpcPort;
           reflectionEnabled = true;
         };
       })
-      (lib.filter (name: cfg.${name}.enable) ["websocketmanager" "workmanager"]);
+      (lib.filter runs ["websocketmanager" "workmanager"]);
   });
 
   # No secrets configured: an empty store, so the component still loads.
   emptySecrets = pkgs.writeText "virtufin-dapr-secrets.json" "{}";
+
+  # Valkey's password, from the credential, as the JSON file of the secret
+  # store virtufin-valkey; trimmed as Valkey reads it (requirePassFile is
+  # spliced into a config line).
+  daprdValkeySecrets = pkgs.writeShellScript "virtufin-daprd-valkey-secrets" ''
+    ${pkgs.jq}/bin/jq -n --rawfile pw "$CREDENTIALS_DIRECTORY/valkey-password" \
+      '{"valkey-password": ($pw | sub("^\\s+"; "") | sub("\\s+$"; ""))}' \
+      > ${valkeySecretsPath}
+  '';
 
   # daprd has no sd_notify: its start job ends only once /v1.0/healthz
   # answers (204), so units ordered After= it start after that.
@@ -135,21 +150,61 @@
       "--enable-metrics=false"
     ]
     ++ dapr.extraArgs;
+
+  # (The credential valkey-password set from valkey.passwordFile is
+  # checked as that option.)
+  checks = vlib.serviceChecks "services.virtufin.api" "virtufin-api" (svc
+    // {
+      credentials = removeAttrs svc.credentials (optional (password && cfg.backend == "valkey") "valkey-password");
+    });
 in {
   imports = [./common.nix];
 
-  config = mkIf (cfg.enable && svc.enable) (mkMerge [
-    {
-      assertions = [
-        {
-          assertion = cfg.backend == "dapr" && cfg.valkey.passwordFile != null -> dapr.secretsFile != null;
-          message = ''
-            services.virtufin.valkey.passwordFile is set with backend = "dapr":
-            daprd reads the password from services.virtufin.dapr.secretsFile
-            (key "valkey-password"), which is not set.
-          '';
-        }
-      ];
+  config = mkMerge [
+    {services.virtufin.api.imported = true;}
+
+    (mkIf (cfg.enable && svc.enable) {
+      assertions =
+        checks.assertions
+        ++ [
+          (vlib.notInStore "services.virtufin.valkey.passwordFile" cfg.valkey.passwordFile)
+          (vlib.notInStore "services.virtufin.dapr.secretsFile" dapr.secretsFile)
+          {
+            # A password in the URL would be in the world-readable store.
+            assertion = builtins.match "[a-z+]+://[^/@]*:[^/@]*@.*" (toString (svc.settings.VIRTUFIN_VALKEY_URL or "")) == null;
+            message = ''
+              services.virtufin.api.settings.VIRTUFIN_VALKEY_URL carries a password,
+              and settings are written to the Nix store, which every user can read.
+              Use services.virtufin.valkey.passwordFile (or a URL in
+              services.virtufin.api.environmentFile).
+            '';
+          }
+        ]
+        ++ vlib.settingsAssertions "services.virtufin.api" svc.settings ([
+            {
+              name = "VIRTUFIN_BACKEND";
+              option = "services.virtufin.backend";
+              value = cfg.backend;
+            }
+          ]
+          ++ optionals (cfg.backend == "dapr") [
+            {
+              name = "DAPR_HOST";
+              option = "daprd's listen address";
+              value = "127.0.0.1";
+            }
+            {
+              name = "DAPR_GRPC_PORT";
+              option = "services.virtufin.dapr.grpcPort";
+              value = dapr.grpcPort;
+            }
+            {
+              name = "DAPR_HTTP_PORT";
+              option = "services.virtufin.dapr.httpPort";
+              value = dapr.httpPort;
+            }
+          ]);
+      inherit (checks) warnings;
 
       systemd.packages = [cfg.package];
 
@@ -170,6 +225,12 @@ in {
           DAPR_HTTP_PORT = dapr.httpPort;
         });
 
+      # With the valkey backend the api reads Valkey's password from this
+      # credential when it finds no VIRTUFIN_VALKEY_PASSWORD_FILE.
+      services.virtufin.api.credentials = mkIf (password && cfg.backend == "valkey") {
+        valkey-password = toString cfg.valkey.passwordFile;
+      };
+
       # The same binding as the Debian package's postinst drop-in
       # (Requires=/After= the store), plus daprd with the dapr backend.
       # The api also gates its own READY=1 on daprd's /v1.0/healthz and a
@@ -186,8 +247,8 @@ in {
         after = [valkeyUnit] ++ optional (cfg.backend == "dapr") daprUnit;
         environment = vlib.toEnvironment svc.settings;
         serviceConfig = {
-          EnvironmentFile = optional (svc.environmentFile != null) svc.environmentFile;
-          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") svc.credentials;
+          EnvironmentFile = optional (svc.environmentFile != null) (toString svc.environmentFile);
+          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${toString path}") svc.credentials;
         };
       };
 
@@ -199,13 +260,16 @@ in {
         bind = "127.0.0.1";
         port = cfg.valkey.port;
         appendOnly = true;
-        requirePassFile = cfg.valkey.passwordFile;
+        requirePassFile =
+          if password
+          then toString cfg.valkey.passwordFile
+          else null;
       };
 
-      networking.firewall.allowedTCPPorts = optional svc.openFirewall svc.httpPort ++ optional svc.openFirewall svc.grpcPort;
-    }
+      networking.firewall.allowedTCPPorts = optionals svc.openFirewall [svc.httpPort svc.grpcPort];
+    })
 
-    (mkIf (cfg.backend == "dapr") {
+    (mkIf (cfg.enable && svc.enable && cfg.backend == "dapr") {
       systemd.services.virtufin-daprd = {
         description = "Dapr sidecar of virtufin-api (app-id virtufin-api)";
         documentation = ["https://docs.dapr.io/reference/arguments-annotations-overview/"];
@@ -217,18 +281,21 @@ in {
         serviceConfig = {
           Type = "exec";
           ExecStart = lib.concatStringsSep " " daprdArgs;
+          ExecStartPre = optional password daprdValkeySecrets;
           ExecStartPost = daprdHealthy;
           Restart = "on-failure";
           RestartSec = "1s";
           TimeoutStartSec = "90s";
           TimeoutStopSec = "20s";
-          LoadCredential = [
-            "secrets.json:${
-              if dapr.secretsFile != null
-              then toString dapr.secretsFile
-              else emptySecrets
-            }"
-          ];
+          LoadCredential =
+            [
+              "secrets.json:${
+                if dapr.secretsFile != null
+                then toString dapr.secretsFile
+                else emptySecrets
+              }"
+            ]
+            ++ optional password "valkey-password:${toString cfg.valkey.passwordFile}";
           DynamicUser = true;
           RuntimeDirectory = "virtufin-daprd";
           UMask = "0077";
@@ -274,5 +341,5 @@ in {
         };
       };
     })
-  ]);
+  ];
 }

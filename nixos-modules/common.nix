@@ -23,7 +23,18 @@
       default = true;
       description = ''
         Whether to run ${description} when
-        {option}`services.virtufin.enable` is set.
+        {option}`services.virtufin.enable` is set (and its module is
+        imported: all of them with the flake's `nixosModules.default`).
+      '';
+    };
+
+    imported = mkOption {
+      type = types.bool;
+      default = false;
+      internal = true;
+      description = ''
+        Set by the module of ${name}: whether it is part of this
+        configuration (the flake's modules can be imported one by one).
       '';
     };
 
@@ -33,20 +44,27 @@
       example = "0.0.0.0";
       description = ''
         Address of the HTTP (health, REST) and gRPC listeners
-        (`ASPNETCORE_URLS`, `VIRTUFIN_GRPC_HOST`).
+        (`ASPNETCORE_URLS`, `VIRTUFIN_GRPC_HOST`): an IPv4 or IPv6 literal
+        without brackets (the service resolves no host names). The other
+        services on this host connect to it there (`0.0.0.0` and `::`
+        through the loopback of their family).
       '';
     };
 
     httpPort = mkOption {
       type = types.port;
       default = httpPort;
-      description = "HTTP port of ${name} (health and REST).";
+      description = "HTTP port of ${name} (health and REST); the one place to change it (`settings` may not contradict it).";
     };
 
     grpcPort = mkOption {
       type = types.port;
       default = grpcPort;
-      description = "gRPC (h2c) port of ${name} (`VIRTUFIN_GRPC_PORT`).";
+      description = ''
+        gRPC (h2c) port of ${name} (`VIRTUFIN_GRPC_PORT`): the firewall and
+        the services that connect to it follow this option, so it is the one
+        place to change it (`settings` may not contradict it).
+      '';
     };
 
     openFirewall = mkOption {
@@ -62,10 +80,14 @@
       description = ''
         Environment of ${name} (RFC 42 freeform settings): each attribute is
         one variable that `${name} --help` lists (flags win over them).
-        The module sets the listen addresses, ports and backend from the
-        other options with `mkDefault`; anything set here wins. `null`
-        unsets a variable. Secrets do not belong here (this ends up in the
-        Nix store): use {option}`environmentFile`.
+        The module sets the listen address, ports and backend from the
+        other options with `mkDefault`; anything else set here wins, and
+        `null` unsets a variable. A value contradicting one of those options
+        (`VIRTUFIN_GRPC_HOST`, `VIRTUFIN_GRPC_PORT`, the port of
+        `ASPNETCORE_URLS` or `VIRTUFIN_HTTP_PORT`; the api's
+        `VIRTUFIN_BACKEND` and `DAPR_*`) fails an assertion naming the
+        option to set instead. Secrets do not belong here (this ends up in
+        the Nix store): use {option}`environmentFile` or {option}`credentials`.
       '';
     };
 
@@ -139,12 +161,15 @@ in {
         example = "/run/secrets/valkey-password";
         description = ''
           File holding Valkey's password (`requirepass`, through
-          {option}`services.redis.servers.virtufin.requirePassFile`).
-          The api reads no password file itself: with the `valkey` backend
-          put `VIRTUFIN_VALKEY_URL=redis://:PASSWORD@127.0.0.1:PORT` in
-          {option}`services.virtufin.api.environmentFile`; with the `dapr`
-          backend put `{"valkey-password": "PASSWORD"}` in
-          {option}`services.virtufin.dapr.secretsFile`.
+          {option}`services.redis.servers.virtufin.requirePassFile`): one
+          line, no spaces or quotes. Give it as a string outside the Nix
+          store. It reaches the client as a systemd credential
+          (`LoadCredential=valkey-password:PATH`), never through the store:
+          with the `valkey` backend the api reads it
+          (`$CREDENTIALS_DIRECTORY/valkey-password`); with the `dapr`
+          backend daprd's `statestore` and `pubsub` components read it
+          from the secret store `virtufin-valkey`, a file the unit writes
+          from the credential into its runtime directory at start.
         '';
       };
     };
@@ -176,9 +201,9 @@ in {
         description = ''
           JSON file of secrets for daprd's local secret store
           (`secretstores.local.file`, component `virtufin-secrets`), handed
-          to daprd with `LoadCredential=`, never copied into the store. Key
-          `valkey-password` is used when {option}`services.virtufin.valkey.passwordFile`
-          is set. Without it the secret store is empty.
+          to daprd with `LoadCredential=`, never copied into the store.
+          Without it the secret store is empty. (Valkey's password does not
+          go here: see {option}`services.virtufin.valkey.passwordFile`.)
         '';
       };
 

@@ -7,35 +7,46 @@
   lib,
   ...
 }: let
-  inherit (lib) mkDefault mkIf optional;
+  inherit (lib) mkDefault mkIf mkMerge optional optionals;
   vlib = import ./lib.nix {inherit lib;};
   cfg = config.services.virtufin;
   svc = cfg.websocketmanager;
+  apiRuns = cfg.api.enable && cfg.api.imported;
+  checks = vlib.serviceChecks "services.virtufin.websocketmanager" "virtufin-websocketmanager" svc;
+  clientChecks = vlib.apiClientChecks "services.virtufin.websocketmanager" "virtufin-websocketmanager" svc apiRuns;
 in {
   imports = [./common.nix];
 
-  config = mkIf (cfg.enable && svc.enable) {
-    systemd.packages = [cfg.package];
+  config = mkMerge [
+    {services.virtufin.websocketmanager.imported = true;}
 
-    services.virtufin.websocketmanager.settings = lib.mapAttrs (_: mkDefault) {
-      ASPNETCORE_URLS = "http://${vlib.urlHost svc.listenAddress}:${toString svc.httpPort}";
-      VIRTUFIN_GRPC_HOST = svc.listenAddress;
-      VIRTUFIN_GRPC_PORT = svc.grpcPort;
-      # The api on this host; set both to reach one elsewhere.
-      VIRTUFIN_API_HOST = vlib.localAddress cfg.api.listenAddress;
-      VIRTUFIN_API_GRPC_PORT = cfg.api.grpcPort;
-      RUST_LOG = "info";
-    };
+    (mkIf (cfg.enable && svc.enable) {
+      assertions = checks.assertions ++ clientChecks.assertions;
+      warnings = checks.warnings ++ clientChecks.warnings;
 
-    systemd.services.virtufin-websocketmanager = {
-      wantedBy = ["multi-user.target"];
-      environment = vlib.toEnvironment svc.settings;
-      serviceConfig = {
-        EnvironmentFile = optional (svc.environmentFile != null) svc.environmentFile;
-        LoadCredential = lib.mapAttrsToList (name: path: "${name}:${path}") svc.credentials;
+      systemd.packages = [cfg.package];
+
+      services.virtufin.websocketmanager.settings = lib.mapAttrs (_: mkDefault) {
+        ASPNETCORE_URLS = "http://${vlib.urlHost svc.listenAddress}:${toString svc.httpPort}";
+        VIRTUFIN_GRPC_HOST = svc.listenAddress;
+        VIRTUFIN_GRPC_PORT = svc.grpcPort;
+        # The api on this host (IPv6 in brackets: the client builds
+        # http://HOST:PORT); set both to reach one elsewhere.
+        VIRTUFIN_API_HOST = vlib.urlHost (vlib.localAddress cfg.api.listenAddress);
+        VIRTUFIN_API_GRPC_PORT = cfg.api.grpcPort;
+        RUST_LOG = "info";
       };
-    };
 
-    networking.firewall.allowedTCPPorts = optional svc.openFirewall svc.httpPort ++ optional svc.openFirewall svc.grpcPort;
-  };
+      systemd.services.virtufin-websocketmanager = {
+        wantedBy = ["multi-user.target"];
+        environment = vlib.toEnvironment svc.settings;
+        serviceConfig = {
+          EnvironmentFile = optional (svc.environmentFile != null) (toString svc.environmentFile);
+          LoadCredential = lib.mapAttrsToList (name: path: "${name}:${toString path}") svc.credentials;
+        };
+      };
+
+      networking.firewall.allowedTCPPorts = optionals svc.openFirewall [svc.httpPort svc.grpcPort];
+    })
+  ];
 }
