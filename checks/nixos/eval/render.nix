@@ -104,8 +104,12 @@ in {
   assertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   inherit (config) warnings;
   firewall.tcp = lib.unique (lib.sort lib.lessThan config.networking.firewall.allowedTCPPorts);
-  # Files as NixOS would lay them out, relative to the root.
+  # The unit files as NixOS lays them out under /etc/systemd/system (the
+  # packaged ones are links to the package there; here their text), by path
+  # relative to the root. Store paths they name are in storeFiles; units'
+  # wantedBy says which .wants links NixOS adds.
   files =
-    lib.mapAttrs' (name: u: lib.nameValuePair "etc/systemd/system/${u.path}" u.text) units
-    // lib.mapAttrs' (name: text: lib.nameValuePair "lib/systemd/system/${name}" text) packaged;
+    lib.mapAttrs' (name: text: lib.nameValuePair "etc/systemd/system/${name}" text)
+    (lib.filterAttrs (name: _: units ? ${name}) packaged)
+    // lib.mapAttrs' (name: u: lib.nameValuePair "etc/systemd/system/${u.path}" u.text) units;
 }
