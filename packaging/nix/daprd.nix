@@ -1,59 +1,65 @@
-# daprd, the Dapr sidecar: nixpkgs has only the Dapr CLI (dapr-cli), so it is
-# built here from github.com/dapr/dapr's cmd/daprd, the way its Makefile
-# does (build tags select the components, ldflags the version).
+# daprd, the Dapr sidecar, built from this repository's small Go module
+# (packaging/daprd): dapr's own entry point with exactly the components the
+# deployment renders (state.redis, pubsub.redis, secretstores.local.file).
+# nixpkgs has only the Dapr CLI (dapr-cli). CI builds the same module with
+# packaging/daprd/build.sh and checks vendorHash against it (scripts/daprd).
 #
-# Hashes:
-# - src.hash is real: the NAR hash (sha256, SRI) of `git archive v1.18.3` of
-#   github.com/dapr/dapr (tag commit 2dcf2e3548faf3c740b3d29ee300e2132db65cff),
-#   computed offline with `nix-hash --type sha256`; a GitHub tarball of the
-#   tag unpacks to the same tree.
-# - vendorHash is NOT known: it covers the Go module downloads, which could
-#   not be fetched where this file was written. It is lib.fakeHash; the
-#   first build fails with "hash mismatch ... got: sha256-..." and prints
-#   the right value to put here.
+# Go: go.mod says `go 1.24.13` (dapr v1.17.0's own requirement); the
+# buildGoModule of nixos-unstable (Go 1.26) satisfies it.
 {
   lib,
   buildGoModule,
-  fetchFromGitHub,
-}:
-buildGoModule rec {
-  pname = "daprd";
-  version = "1.18.3";
+}: let
+  version = "1.17.0";
+in
+  buildGoModule {
+    pname = "daprd";
+    inherit version;
 
-  src = fetchFromGitHub {
-    owner = "dapr";
-    repo = "dapr";
-    rev = "v${version}";
-    hash = "sha256-g42n7YB8BT82vs2i/FgdS6M7Yaez4GWqQuXF36ydzJk=";
-  };
+    src = lib.fileset.toSource {
+      root = ../daprd;
+      fileset = lib.fileset.unions [
+        ../daprd/go.mod
+        ../daprd/go.sum
+        ../daprd/main.go
+        ../daprd/notag.go.in
+      ];
+    };
 
-  # Unknown until the first build (see above).
-  vendorHash = lib.fakeHash;
+    # The NAR hash of `go mod vendor`'s tree for go.mod/go.sum, computed with
+    # nix-hash by packaging/daprd/build.sh (scripts/daprd fails when it
+    # differs from this line).
+    vendorHash = "sha256-Jq5JmDo28JS/PPbtkYrZfx3/bHvK7Kf/otywMjPG6qs=";
 
-  # go.mod says `go 1.26.6`: the Go of the nixpkgs in use must be at least
-  # that (nixpkgs has buildGo126Module when its default Go is older).
-  subPackages = ["cmd/daprd"];
+    subPackages = ["."];
 
-  # The stable components, among them state.redis, pubsub.redis and
-  # secretstores.local.file (cmd/daprd/components/*.go build tags).
-  tags = ["stablecomponents"];
+    # dapr's cmd/daprd/components/zz_notag.go panics when no component build
+    # tag is set; main.go registers our components itself, so that one file
+    # is swapped for notag.go.in (as build.sh does). postConfigure runs after
+    # the vendor tree is in place and, unlike preBuild, not in the vendoring
+    # derivation.
+    postConfigure = ''
+      components=$(go list -f '{{.Dir}}' github.com/dapr/dapr/cmd/daprd/components)
+      printf '{"Replace":{"%s/zz_notag.go":"%s/notag.go.in"}}\n' "$components" "$PWD" >"$TMPDIR/overlay.json"
+      export GOFLAGS="$GOFLAGS -overlay=$TMPDIR/overlay.json"
+    '';
 
-  ldflags = [
-    "-s"
-    "-w"
-    "-X github.com/dapr/dapr/pkg/buildinfo.version=${version}"
-    "-X github.com/dapr/dapr/pkg/buildinfo.gitversion=v${version}"
-    "-X github.com/dapr/kit/logger.DaprVersion=${version}"
-  ];
+    ldflags = [
+      "-s"
+      "-w"
+      "-X github.com/dapr/dapr/pkg/buildinfo.version=${version}"
+      "-X github.com/dapr/dapr/pkg/buildinfo.gitversion=v${version}"
+      "-X github.com/dapr/kit/logger.DaprVersion=${version}"
+    ];
 
-  # The unit tests need a Dapr control plane and network.
-  doCheck = false;
+    # No tests in the module itself.
+    doCheck = false;
 
-  meta = {
-    description = "Dapr sidecar runtime (daprd)";
-    homepage = "https://dapr.io";
-    license = lib.licenses.asl20;
-    mainProgram = "daprd";
-    platforms = lib.platforms.linux;
-  };
-}
+    meta = {
+      description = "Dapr sidecar runtime (daprd) with the components virtufin uses";
+      homepage = "https://dapr.io";
+      license = lib.licenses.asl20;
+      mainProgram = "daprd";
+      platforms = lib.platforms.linux;
+    };
+  }
