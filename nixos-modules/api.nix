@@ -32,25 +32,19 @@
   # The user's secret store (dapr.secretsFile), and the one holding only
   # Valkey's password: a JSON file daprd's ExecStartPre writes from the
   # credential into the unit's runtime directory (never in the store).
-  secretStoreName = "virtufin-secrets";
   valkeyStoreName = "virtufin-valkey";
   # systemd puts LoadCredential= files here ($CREDENTIALS_DIRECTORY).
   secretsPath = "/run/credentials/${daprUnit}/secrets.json";
   valkeySecretsPath = "/run/virtufin-daprd/valkey-secrets.json";
-  redisMetadata =
-    [
-      {
-        name = "redisHost";
-        value = valkeyAddress;
-      }
-    ]
-    ++ optional password {
+  passwordMetadata = [
+    {
       name = "redisPassword";
       secretKeyRef = {
         name = "valkey-password";
         key = "valkey-password";
       };
-    };
+    }
+  ];
   secretStore = name: path: {
     apiVersion = "dapr.io/v1alpha1";
     kind = "Component";
@@ -66,22 +60,26 @@
       ];
     };
   };
-  component = name: type: metadata:
-    {
-      apiVersion = "dapr.io/v1alpha1";
-      kind = "Component";
-      metadata = {inherit name;};
-      spec = {
-        inherit type metadata;
-        version = "v1";
-      };
-    }
-    // optionalAttrs password {auth.secretStore = valkeyStoreName;};
+  # The resource files are the repository's packaging/dapr/resources (the
+  # tests run daprd with the same ones), placeholders filled in here; with a
+  # password the two Valkey components also take it from virtufin-valkey.
+  resourceFile = name:
+    builtins.fromJSON (builtins.replaceStrings
+      ["@VALKEY_HOST@" "@SECRETS_FILE@" "@PROCESSING_TIMEOUT@" "@REDELIVER_INTERVAL@"]
+      [valkeyAddress secretsPath "60s" "15s"]
+      (builtins.readFile (../packaging/dapr/resources + "/${name}.json")));
+  withPassword = resource:
+    resource
+    // optionalAttrs password {
+      spec = resource.spec // {metadata = resource.spec.metadata ++ passwordMetadata;};
+      auth.secretStore = valkeyStoreName;
+    };
   components =
     {
-      "statestore.yaml" = component "statestore" "state.redis" redisMetadata;
-      "pubsub.yaml" = component "pubsub" "pubsub.redis" redisMetadata;
-      "secretstore.yaml" = secretStore secretStoreName secretsPath;
+      "statestore.yaml" = withPassword (resourceFile "statestore");
+      "pubsub.yaml" = withPassword (resourceFile "pubsub");
+      "secretstore.yaml" = resourceFile "secretstore";
+      "resiliency.yaml" = resourceFile "resiliency";
     }
     // optionalAttrs password {
       "valkey-secretstore.yaml" = secretStore valkeyStoreName valkeySecretsPath;

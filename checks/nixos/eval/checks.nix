@@ -385,7 +385,7 @@
       }
       ++ lib.optionals readable (
         same "daprd's components (files in --resources-path)"
-        (["pubsub.yaml" "secretstore.yaml" "statestore.yaml"] ++ lib.optional (password != null) "valkey-secretstore.yaml")
+        (["pubsub.yaml" "resiliency.yaml" "secretstore.yaml" "statestore.yaml"] ++ lib.optional (password != null) "valkey-secretstore.yaml")
         (builtins.attrNames c)
         ++ same "component statestore" {
           name = "statestore";
@@ -396,7 +396,16 @@
         ++ same "component pubsub" {
           name = "pubsub";
           type = "pubsub.redis";
-          meta = redisMeta;
+          # packaging/dapr/resources/pubsub.json with the deployment's timeouts.
+          meta =
+            redisMeta
+            // {
+              concurrency = "1024";
+              queueDepth = "1024";
+              processingTimeout = "60s";
+              redeliverInterval = "15s";
+              maxLenApprox = "100000";
+            };
           auth = lib.optionalAttrs (password != null) {secretStore = "virtufin-valkey";};
         } (summary "pubsub.yaml")
         ++ same "component virtufin-secrets (dapr.secretsFile, as a credential)" {
@@ -405,6 +414,13 @@
           meta.secretsFile = "/run/credentials/virtufin-daprd.service/secrets.json";
           auth = {};
         } (summary "secretstore.yaml")
+        ++ same "resiliency virtufin-delivery (pubsub inbound deliveries retried, see packaging/dapr/resources)" {
+          kind = "Resiliency";
+          targets.components.pubsub.inbound.retry = "until-unsubscribed";
+        } {
+          kind = c."resiliency.yaml".kind or null;
+          targets = c."resiliency.yaml".spec.targets or null;
+        }
         ++ lib.optionals (password != null) (same "component virtufin-valkey (the password, written at start)" {
           name = "virtufin-valkey";
           type = "secretstores.local.file";

@@ -7,6 +7,7 @@ use std::{collections::HashMap, time::SystemTime};
 use base64::Engine;
 use serde_json::{Map, Value};
 use virtufin_proto::api::v1::TopicEventRequest;
+use virtufin_store::content_type::{self, DataEncoding};
 
 use crate::{error::ApiError, validate};
 
@@ -43,16 +44,6 @@ impl Default for Defaults {
     }
 }
 
-fn is_json_type(ct: &str) -> bool {
-    let ct = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
-    ct == "application/json" || ct == "text/json" || ct.ends_with("+json")
-}
-
 /// Builds the envelope for `PublishEvent{topic, data, metadata}`. Missing
 /// id, time and specversion are filled; `ce-<name>` other than the core
 /// attributes becomes the extension `<name>`; other metadata is ignored.
@@ -71,10 +62,16 @@ pub fn build(
     }
     let mut attrs: Map<String, Value> = Map::new();
     for (k, v) in metadata {
-        let Some(name) = k.strip_prefix("ce-").or_else(|| k.strip_prefix("CE-")) else {
+        // The prefix in either case; the name as given: it must already be
+        // lowercase, so `ce-id` and `ce-ID` cannot both claim `id`.
+        let Some(name) = k
+            .get(..3)
+            .filter(|p| p.eq_ignore_ascii_case("ce-"))
+            .map(|_| &k[3..])
+        else {
             continue;
         };
-        let name = name.to_ascii_lowercase();
+        let name = name.to_owned();
         if name.is_empty()
             || name.len() > 20
             || !name
@@ -83,6 +80,12 @@ pub fn build(
         {
             return Err(ApiError::invalid(format!(
                 "metadata '{}': a CloudEvent attribute name after 'ce-' must be 1-20 lowercase letters or digits",
+                validate::clip(k)
+            )));
+        }
+        if attrs.contains_key(&name) {
+            return Err(ApiError::invalid(format!(
+                "metadata '{}': the attribute '{name}' is given twice (prefixes differing in case)",
                 validate::clip(k)
             )));
         }
@@ -141,32 +144,60 @@ pub fn build(
     if get(&attrs, "type").is_none_or(|s| s.is_empty()) {
         attrs.insert("type".into(), Value::String(defaults.event_type.clone()));
     }
-    // The payload: embedded as JSON when it is JSON, as a string otherwise.
-    let parsed = serde_json::from_str::<Value>(data);
-    let content_type = get(&attrs, "datacontenttype");
-    let payload = match (&content_type, parsed) {
-        (Some(ct), Ok(v)) if is_json_type(ct) => v,
-        (Some(ct), Err(e)) if is_json_type(ct) => {
-            return Err(ApiError::invalid(format!(
-                "data is not valid JSON but ce-datacontenttype is '{ct}': {e}"
-            )));
+    // daprd replaces `traceparent` with its own trace unless `traceid` is
+    // present; Dapr's envelopes carry both with the same value.
+    if let Some(tp) = get(&attrs, "traceparent")
+        && !attrs.contains_key("traceid")
+    {
+        attrs.insert("traceid".into(), Value::String(tp));
+    }
+    // The payload, where Dapr expects it for the content type (see
+    // virtufin_store::content_type).
+    let content_type = match get(&attrs, "datacontenttype") {
+        Some(ct) => {
+            if content_type::claims_json(&ct)
+                && let Err(e) = serde_json::from_str::<Value>(data)
+            {
+                return Err(ApiError::invalid(format!(
+                    "data is not valid JSON but ce-datacontenttype is '{}': {e}",
+                    validate::clip(&ct)
+                )));
+            }
+            ct
         }
-        (Some(_), _) => Value::String(data.to_owned()),
-        (None, Ok(v)) if !data.trim().is_empty() => {
-            attrs.insert("datacontenttype".into(), "application/json".into());
-            v
-        }
-        (None, _) => {
-            attrs.insert("datacontenttype".into(), "text/plain".into());
-            Value::String(data.to_owned())
+        None => {
+            let ct = if !data.trim().is_empty() && serde_json::from_str::<Value>(data).is_ok() {
+                "application/json"
+            } else {
+                "text/plain"
+            };
+            attrs.insert("datacontenttype".into(), ct.into());
+            ct.to_owned()
         }
     };
+    match content_type::encoding(&content_type) {
+        DataEncoding::Json => {
+            let v = serde_json::from_str::<Value>(data).map_err(|e| {
+                ApiError::invalid(format!(
+                    "data is not valid JSON but ce-datacontenttype is '{}': {e}",
+                    validate::clip(&content_type)
+                ))
+            })?;
+            attrs.insert("data".into(), v);
+        }
+        DataEncoding::Text => {
+            attrs.insert("data".into(), Value::String(data.to_owned()));
+        }
+        DataEncoding::Base64 => {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(data.as_bytes());
+            attrs.insert("data_base64".into(), Value::String(b64));
+        }
+    }
     attrs.insert("topic".into(), Value::String(topic.to_owned()));
     attrs.insert(
         "pubsubname".into(),
         Value::String(defaults.pubsub_name.clone()),
     );
-    attrs.insert("data".into(), payload);
     let bytes = serde_json::to_vec(&Value::Object(attrs))
         .map_err(|e| ApiError::invalid(format!("cannot encode the event: {e}")))?;
     Ok((id, bytes))
@@ -199,11 +230,18 @@ pub fn to_topic_event(
     let data_content_type = take("datacontenttype");
     let event_topic = take("topic");
     let event_pubsub = take("pubsubname");
+    // As daprd hands data to a subscriber, but lenient where daprd would
+    // give nothing (a `data` field that its content type does not explain,
+    // as older producers wrote): a string as its text, other JSON as JSON.
     let data = match (attrs.remove("data"), attrs.remove("data_base64")) {
         (_, Some(Value::String(b64))) => base64::engine::general_purpose::STANDARD
             .decode(b64.as_bytes())
             .unwrap_or_else(|_| b64.into_bytes()),
-        (Some(Value::String(s)), _) if !is_json_type(&data_content_type) => s.into_bytes(),
+        (Some(Value::String(s)), _)
+            if content_type::encoding(&data_content_type) != DataEncoding::Json =>
+        {
+            s.into_bytes()
+        }
         (Some(v), _) => serde_json::to_vec(&v).unwrap_or_default(),
         (None, _) => Vec::new(),
     };
@@ -338,6 +376,82 @@ mod tests {
         }
         let many: HashMap<_, _> = (0..65).map(|i| (format!("ce-x{i}"), "v".into())).collect();
         assert!(build("t", "x", &many, &d, 64).is_err());
+    }
+
+    #[test]
+    fn attribute_names_must_be_lowercase_and_unique() {
+        let d = Defaults::default();
+        let err = build("t", "x", &md(&[("ce-ID", "a")]), &d, 64).unwrap_err();
+        assert!(err.message.contains("lowercase"), "{err:?}");
+        let err = build("t", "x", &md(&[("ce-id", "a"), ("CE-id", "b")]), &d, 64).unwrap_err();
+        assert!(err.message.contains("twice"), "{err:?}");
+        let (id, _) = build("t", "x", &md(&[("CE-id", "b")]), &d, 64).unwrap();
+        assert_eq!(id, "b", "the prefix may be upper case");
+    }
+
+    #[test]
+    fn traceparent_is_mirrored_as_traceid_for_dapr() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let (_, bytes) = build(
+            "t",
+            "x",
+            &md(&[("ce-traceparent", tp)]),
+            &Defaults::default(),
+            64,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            (v["traceparent"].as_str(), v["traceid"].as_str()),
+            (Some(tp), Some(tp))
+        );
+        let (_, bytes) = build(
+            "t",
+            "x",
+            &md(&[("ce-traceparent", tp), ("ce-traceid", "own")]),
+            &Defaults::default(),
+            64,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v["traceid"], "own", "a given traceid is kept");
+    }
+
+    #[test]
+    fn payload_sits_where_dapr_expects_it_and_reads_back_unchanged() {
+        let d = Defaults::default();
+        for (ct, data, field) in [
+            ("application/json", r#"{"a":1}"#, "data"),
+            ("application/cloudevents+json", r#"{"a":1}"#, "data"),
+            ("text/plain", "hello", "data"),
+            ("text/json", r#"{"a":1}"#, "data"),
+            ("application/xml", "<a/>", "data"),
+            ("application/octet-stream", "bytes\u{1}", "data_base64"),
+            ("application/ld+json", r#"{"@id":"x"}"#, "data_base64"),
+        ] {
+            let (_, bytes) = build("t", data, &md(&[("ce-datacontenttype", ct)]), &d, 64).unwrap();
+            let v: Value = serde_json::from_slice(&bytes).unwrap();
+            assert!(v.get(field).is_some(), "{ct}: {v}");
+            if ct == "text/json" {
+                assert_eq!(v["data"], data, "text/* travels as a string");
+            }
+            let ev = to_topic_event("t", "1-1", &bytes, "pubsub");
+            let got: Value = match ct {
+                "application/json"
+                | "application/cloudevents+json"
+                | "text/json"
+                | "application/ld+json" => serde_json::from_slice(&ev.data).unwrap(),
+                _ => Value::String(String::from_utf8(ev.data.clone()).unwrap()),
+            };
+            let want: Value = match ct {
+                "application/json"
+                | "application/cloudevents+json"
+                | "text/json"
+                | "application/ld+json" => serde_json::from_str(data).unwrap(),
+                _ => Value::String(data.to_owned()),
+            };
+            assert_eq!(got, want, "{ct}");
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub fn store(e: StoreError) -> ApiError {
         StoreError::EtagMismatch { .. } => Code::Aborted,
         StoreError::Unavailable(_) => Code::Unavailable,
         StoreError::Backend(_) => Code::Internal,
+        StoreError::Unsupported(_) => Code::FailedPrecondition,
     };
     ApiError::new(code, e.to_string())
 }

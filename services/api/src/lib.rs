@@ -87,6 +87,8 @@ fn dapr_options(c: &Config) -> virtufin_store_dapr::DaprOptions {
     o.host = c.dapr_host.clone();
     o.state_store = c.state_store_name.clone();
     o.pubsub = c.pubsub_name.clone();
+    o.retry_delay = c.retry_delay;
+    o.max_in_flight = c.max_in_flight;
     o
 }
 

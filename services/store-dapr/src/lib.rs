@@ -1,23 +1,35 @@
 //! virtufin-api's third backend: state and pub/sub through a Dapr sidecar
 //! (daprd) over its gRPC runtime API, with the `dapr` crate's generated
 //! client. Components: a state store (`statestore`) and a pub/sub
-//! (`pubsub`), as in the seed's deployment.
+//! (`pubsub`), as `packaging/dapr/resources` renders them.
 //!
-//! Mapping from our contract:
-//! - etags: `SaveState`/`DeleteState` with the etag and first-write
-//!   concurrency; daprd answers ABORTED on a mismatch. daprd returns no new
-//!   etag, so a save reads it back (not atomic with the save).
-//! - `DeleteState` says nothing about whether a key existed: a read first
-//!   tells (again not atomic).
+//! Mapping from our contract, and where daprd (state.redis, pubsub.redis)
+//! needs help to keep it (each checked against real daprd in the tests):
+//! - etags are state.redis versions (decimal numbers). A save or delete
+//!   with an etag that is not one can never match: refused as a mismatch
+//!   without asking daprd (which would answer INVALID_ARGUMENT).
+//! - saves go with unspecified concurrency: FIRST_WRITE would leave a
+//!   `first-write` marker on the key that makes every later save without an
+//!   etag fail. state.redis accepts any etag for a key that does not exist,
+//!   so an etag-guarded save reads the key first (not atomic with the save:
+//!   a concurrent delete can let it recreate the key).
+//! - daprd returns no new etag and no "deleted" flag: a save reads the etag
+//!   back, a delete reads first (again not atomic).
 //! - events are published as ready CloudEvents
-//!   (`application/cloudevents+json`), so daprd keeps our attributes.
-//! - subscriptions use `SubscribeTopicEventsAlpha1`: the group is the
-//!   `consumerID` metadata (pubsub.redis' consumer group), our settle maps
-//!   to SUCCESS / RETRY / DROP; a broken stream (daprd restarting) is
-//!   opened again.
-//! - sets (registered keys) are JSON lists in state with etag retries.
-//! - bytes that are not a CloudEvent travel base64 in a CloudEvent of type
+//!   (`application/cloudevents+json`), so daprd keeps our attributes; bytes
+//!   that are not a CloudEvent travel base64 in one of type
 //!   `com.virtufin.api.raw` and are unwrapped on delivery.
+//! - subscriptions use `SubscribeTopicEventsAlpha1`, one long-lived stream
+//!   per topic shared by the topic's subscribers in this api (the `hub`
+//!   module says why: daprd loses events when a stream ends). pubsub.redis
+//!   has one consumer group per daprd (its app id): a topic serves one group
+//!   at a time; a second is refused (FAILED_PRECONDITION) instead of
+//!   silently getting some of the events.
+//! - RETRY is kept here: the event is handed out again after the retry
+//!   delay, and daprd hears only SUCCESS or DROP (to daprd, RETRY is a
+//!   handler error, which pubsub.redis acknowledges: the event would be
+//!   lost). The in-flight limit is applied here too (daprd pushes).
+//! - sets (registered keys) are JSON lists in state with etag retries.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -32,9 +44,11 @@ use rt::dapr_client::DaprClient;
 use serde_json::{Map, Value};
 use tonic::{Code, transport::Channel};
 use virtufin_store::{
-    Backend, Delivery, Outcome, PubSub, Result, StateStore, StoreError, Subscription,
-    SubscriptionFeed, SubscriptionSpec, Versioned,
+    Backend, Outcome, PubSub, Result, StateStore, StoreError, Subscription, SubscriptionSpec,
+    Versioned,
 };
+
+mod hub;
 
 /// Where daprd is and which components to use.
 #[derive(Debug, Clone)]
@@ -46,6 +60,10 @@ pub struct DaprOptions {
     pub pubsub: String,
     /// Longest wait for one call.
     pub timeout: Duration,
+    /// Delay before an event settled with RETRY is handed out again.
+    pub retry_delay: Duration,
+    /// Most events handed to one subscriber and not settled yet.
+    pub max_in_flight: usize,
 }
 
 impl DaprOptions {
@@ -57,6 +75,8 @@ impl DaprOptions {
             state_store: "statestore".into(),
             pubsub: "pubsub".into(),
             timeout: Duration::from_secs(5),
+            retry_delay: Duration::from_secs(1),
+            max_in_flight: 256,
         }
     }
 
@@ -73,6 +93,8 @@ impl DaprOptions {
 pub struct DaprStore {
     client: DaprClient<Channel>,
     options: DaprOptions,
+    /// Each topic's subscription hub (one daprd stream per topic).
+    hubs: Arc<tokio::sync::Mutex<HashMap<String, hub::Hub>>>,
     http: hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Empty<Bytes>,
@@ -86,6 +108,26 @@ fn status_err(s: tonic::Status) -> StoreError {
             StoreError::Unavailable(format!("daprd: {}", s.message()))
         }
         _ => StoreError::Backend(format!("daprd: {:?}: {}", s.code(), s.message())),
+    }
+}
+
+/// state.redis versions are decimal numbers; anything else never matches.
+fn check_etag(key: &str, etag: &str) -> Result<()> {
+    if etag.is_empty() || etag.len() > 20 || !etag.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(StoreError::EtagMismatch {
+            key: key.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// Unspecified concurrency: daprd checks an etag when one is given, and
+/// state.redis leaves no `first-write` marker behind (FIRST_WRITE would,
+/// and every later save without an etag would then fail).
+fn state_options() -> common_v1::StateOptions {
+    common_v1::StateOptions {
+        concurrency: common_v1::state_options::StateConcurrency::ConcurrencyUnspecified as i32,
+        consistency: common_v1::state_options::StateConsistency::ConsistencyStrong as i32,
     }
 }
 
@@ -130,6 +172,7 @@ impl DaprStore {
         Ok(Self {
             client,
             options,
+            hubs: Arc::default(),
             http,
         })
     }
@@ -205,18 +248,17 @@ impl DaprStore {
         r
     }
 
-    async fn save(
-        &self,
-        key: &str,
-        value: &str,
-        etag: Option<&str>,
-        first_write: bool,
-    ) -> Result<()> {
-        let concurrency = if etag.is_some() || first_write {
-            common_v1::state_options::StateConcurrency::ConcurrencyFirstWrite
-        } else {
-            common_v1::state_options::StateConcurrency::ConcurrencyLastWrite
-        };
+    /// Writes through daprd. With `etag`, only if the key exists with that
+    /// version (daprd alone would also accept any etag on a missing key).
+    async fn save(&self, key: &str, value: &str, etag: Option<&str>) -> Result<()> {
+        if let Some(e) = etag {
+            check_etag(key, e)?;
+            if self.get(key).await?.is_none() {
+                return Err(StoreError::EtagMismatch {
+                    key: key.to_owned(),
+                });
+            }
+        }
         let item = common_v1::StateItem {
             key: key.to_owned(),
             value: value.as_bytes().to_vec(),
@@ -224,10 +266,7 @@ impl DaprStore {
                 value: e.to_owned(),
             }),
             metadata: HashMap::new(),
-            options: Some(common_v1::StateOptions {
-                concurrency: concurrency as i32,
-                consistency: common_v1::state_options::StateConsistency::ConsistencyStrong as i32,
-            }),
+            options: Some(state_options()),
         };
         self.client
             .clone()
@@ -300,12 +339,15 @@ impl StateStore for DaprStore {
     }
 
     async fn set(&self, key: &str, value: &str, etag: Option<&str>) -> Result<String> {
-        self.save(key, value, etag, false).await?;
+        self.save(key, value, etag).await?;
         // daprd does not return the new etag: read it back.
         Ok(self.get(key).await?.map(|v| v.etag).unwrap_or_default())
     }
 
     async fn delete(&self, key: &str, etag: Option<&str>) -> Result<bool> {
+        if let Some(e) = etag {
+            check_etag(key, e)?;
+        }
         let existed = self.get(key).await?.is_some();
         if !existed {
             return match etag {
@@ -323,15 +365,7 @@ impl StateStore for DaprStore {
                 etag: etag.map(|e| common_v1::Etag {
                     value: e.to_owned(),
                 }),
-                options: Some(common_v1::StateOptions {
-                    concurrency: if etag.is_some() {
-                        common_v1::state_options::StateConcurrency::ConcurrencyFirstWrite as i32
-                    } else {
-                        common_v1::state_options::StateConcurrency::ConcurrencyLastWrite as i32
-                    },
-                    consistency: common_v1::state_options::StateConsistency::ConsistencyStrong
-                        as i32,
-                }),
+                options: Some(state_options()),
                 metadata: HashMap::new(),
             })
             .await
@@ -344,28 +378,34 @@ impl StateStore for DaprStore {
             return Ok(0);
         }
         let skey = Self::sets_key(key);
+        let mut added = None;
         for _ in 0..32 {
             let current = self.get(&skey).await?;
             let (mut set, etag): (BTreeSet<String>, Option<String>) = match &current {
                 Some(v) => (
-                    serde_json::from_str(&v.value).unwrap_or_default(),
+                    serde_json::from_str(&v.value).map_err(|e| {
+                        StoreError::Backend(format!("the set {key} is not a JSON list: {e}"))
+                    })?,
                     Some(v.etag.clone()),
                 ),
                 None => (BTreeSet::new(), None),
             };
             let before = set.len();
             set.extend(members.iter().cloned());
-            let added = set.len() - before;
-            if added == 0 {
-                return Ok(0);
+            let new = set.len() - before;
+            // The count of the first attempt: members another writer added
+            // meanwhile were not added by this call.
+            let added = *added.get_or_insert(new);
+            if new == 0 {
+                return Ok(added);
             }
             let body =
                 serde_json::to_string(&set).map_err(|e| StoreError::Backend(e.to_string()))?;
-            // First write when creating: two creators cannot both win.
-            match self
-                .save(&skey, &body, etag.as_deref(), etag.is_none())
-                .await
-            {
+            match self.save(&skey, &body, etag.as_deref()).await {
+                // state.redis cannot create a key only if absent: two first
+                // writers may both succeed, so go round again to check that
+                // the members stuck.
+                Ok(()) if etag.is_none() => continue,
                 Ok(()) => return Ok(added),
                 Err(StoreError::EtagMismatch { .. }) => continue,
                 Err(e) => return Err(e),
@@ -410,29 +450,42 @@ fn wrap_raw(data: &[u8]) -> Result<Vec<u8>> {
     .map_err(|e| StoreError::Backend(e.to_string()))
 }
 
-/// Rebuilds the CloudEvent (JSON) that daprd handed over field by field.
+/// Rebuilds the CloudEvent (JSON) that daprd handed over field by field,
+/// with the payload where Dapr puts it for its content type (so the api
+/// reads it back exactly as from the direct backends).
 fn envelope(ev: rt::TopicEventRequest) -> Vec<u8> {
+    use base64::Engine;
+    use virtufin_store::content_type::{DataEncoding, encoding};
     let mut m = Map::new();
     if let Some(ext) = ev.extensions {
         for (k, v) in ext.fields {
-            m.insert(k, virtufin_proto::json::from_prost(&v));
+            let v = virtufin_proto::json::from_prost(&v);
+            // daprd fills trace fields a publisher left out with "".
+            if matches!(k.as_str(), "traceid" | "traceparent" | "tracestate") && v == "" {
+                continue;
+            }
+            m.insert(k, v);
         }
     }
     let ct = ev.data_content_type.clone();
-    let data = if ct.contains("json") {
-        serde_json::from_slice::<Value>(&ev.data).ok()
-    } else {
-        None
+    let as_json = || serde_json::from_slice::<Value>(&ev.data).ok();
+    let as_text = || {
+        std::str::from_utf8(&ev.data)
+            .ok()
+            .map(|s| Value::String(s.to_owned()))
     };
-    match (data, std::str::from_utf8(&ev.data)) {
-        (Some(v), _) => {
+    let data = match encoding(&ct) {
+        DataEncoding::Json if ev.data.is_empty() => None,
+        DataEncoding::Json => as_json(),
+        DataEncoding::Text => as_text(),
+        DataEncoding::Base64 => None,
+    };
+    match data {
+        Some(v) => {
             m.insert("data".into(), v);
         }
-        (None, Ok(s)) => {
-            m.insert("data".into(), Value::String(s.to_owned()));
-        }
-        (None, Err(_)) => {
-            use base64::Engine;
+        None if ev.data.is_empty() => {}
+        None => {
             m.insert(
                 "data_base64".into(),
                 Value::String(base64::engine::general_purpose::STANDARD.encode(&ev.data)),
@@ -483,165 +536,23 @@ impl PubSub for DaprStore {
     }
 
     async fn subscribe(&self, spec: SubscriptionSpec) -> Result<Subscription> {
-        let (feed, subscription) = Subscription::channel(64);
-        let first = open_stream(self, &spec).await?;
-        tokio::spawn(run_subscription(self.clone(), spec, feed, first));
-        Ok(subscription)
+        // One daprd stream per topic, opened once (see the hub module); the
+        // lock is held while it opens so two first subscribers share it.
+        let hub = {
+            let mut hubs = self.hubs.lock().await;
+            match hubs.get(&spec.topic) {
+                Some(h) if h.is_alive() => h.clone(),
+                _ => {
+                    let h = hub::Hub::open(self, &spec.topic).await?;
+                    hubs.insert(spec.topic.clone(), h.clone());
+                    h
+                }
+            }
+        };
+        hub.subscribe(&spec, self.options.max_in_flight).await
     }
 
     async fn ping(&self) -> Result<()> {
         self.healthz().await
     }
-}
-
-type Outbound = tokio::sync::mpsc::Sender<rt::SubscribeTopicEventsRequestAlpha1>;
-
-async fn open_stream(
-    store: &DaprStore,
-    spec: &SubscriptionSpec,
-) -> Result<(
-    Outbound,
-    tonic::Streaming<rt::SubscribeTopicEventsResponseAlpha1>,
-)> {
-    use rt::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType as Req;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    let mut metadata = HashMap::new();
-    metadata.insert("consumerID".to_owned(), spec.group.clone());
-    metadata.insert("virtufinMember".to_owned(), spec.subscriber.clone());
-    let initial = rt::SubscribeTopicEventsRequestAlpha1 {
-        subscribe_topic_events_request_type: Some(Req::InitialRequest(
-            rt::SubscribeTopicEventsRequestInitialAlpha1 {
-                pubsub_name: store.options.pubsub.clone(),
-                topic: spec.topic.clone(),
-                metadata,
-                dead_letter_topic: None,
-            },
-        )),
-    };
-    tx.send(initial)
-        .await
-        .map_err(|_| StoreError::Backend("subscription request channel closed".into()))?;
-    let mut stream = store
-        .client
-        .clone()
-        .subscribe_topic_events_alpha1(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(status_err)?
-        .into_inner();
-    // The first answer acknowledges the subscription.
-    match stream.message().await.map_err(status_err)? {
-        Some(_) => Ok((tx, stream)),
-        None => Err(StoreError::Unavailable(
-            "daprd ended the subscription at once".into(),
-        )),
-    }
-}
-
-async fn run_subscription(
-    store: DaprStore,
-    spec: SubscriptionSpec,
-    mut feed: SubscriptionFeed,
-    first: (
-        Outbound,
-        tonic::Streaming<rt::SubscribeTopicEventsResponseAlpha1>,
-    ),
-) {
-    use rt::{
-        subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType as Req,
-        subscribe_topic_events_response_alpha1::SubscribeTopicEventsResponseType as Resp,
-        topic_event_response::TopicEventResponseStatus as St,
-    };
-    let (mut out, mut stream) = first;
-    let mut backoff = Duration::from_millis(100);
-    // Deliveries seen by this subscription and not settled for good, to
-    // count redeliveries (daprd reports no delivery count).
-    let mut seen: HashMap<String, u32> = HashMap::new();
-    'outer: loop {
-        loop {
-            tokio::select! {
-                _ = feed.cancel.cancelled() => break 'outer,
-                a = feed.acks.recv() => {
-                    let Some((id, outcome)) = a else { break 'outer };
-                    if outcome != Outcome::Retry {
-                        seen.remove(&id);
-                    }
-                    let status = match outcome { Outcome::Success => St::Success, Outcome::Retry => St::Retry, Outcome::Drop => St::Drop };
-                    let msg = rt::SubscribeTopicEventsRequestAlpha1 {
-                        subscribe_topic_events_request_type: Some(Req::EventProcessed(rt::SubscribeTopicEventsRequestProcessedAlpha1 {
-                            id,
-                            status: Some(rt::TopicEventResponse { status: status as i32 }),
-                        })),
-                    };
-                    if out.send(msg).await.is_err() { break }
-                }
-                m = stream.message() => match m {
-                    Ok(Some(rt::SubscribeTopicEventsResponseAlpha1 { subscribe_topic_events_response_type: Some(Resp::EventMessage(ev)) })) => {
-                        backoff = Duration::from_millis(100);
-                        let id = ev.id.clone();
-                        let data = if ev.r#type == RAW_TYPE { Bytes::from(ev.data) } else { Bytes::from(envelope(ev)) };
-                        let attempt = {
-                            let n = seen.entry(id.clone()).or_insert(0);
-                            *n += 1;
-                            *n
-                        };
-                        if seen.len() > 100_000 {
-                            seen.clear();
-                        }
-                        let d = Delivery { entry_id: id, data, attempt };
-                        if feed.tx.send(Ok(d)).await.is_err() { break 'outer }
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) | Err(_) => break,
-                },
-            }
-        }
-        // The stream broke (daprd restarting): open it again.
-        tracing::warn!(topic = %spec.topic, retry_in = ?backoff, "Dapr subscription stream lost; reopening");
-        loop {
-            tokio::select! {
-                _ = feed.cancel.cancelled() => break 'outer,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            match open_stream(&store, &spec).await {
-                Ok((o, s)) => {
-                    out = o;
-                    stream = s;
-                    tracing::info!(topic = %spec.topic, "Dapr subscription stream reopened");
-                    continue 'outer;
-                }
-                Err(e) => {
-                    let _ = feed.tx.try_send(Err(e));
-                }
-            }
-        }
-    }
-    // Settlements sent before the subscriber left still go out.
-    use rt::subscribe_topic_events_request_alpha1::SubscribeTopicEventsRequestType as R2;
-    while let Ok((id, outcome)) = feed.acks.try_recv() {
-        let status = match outcome {
-            Outcome::Success => St::Success,
-            Outcome::Retry => St::Retry,
-            Outcome::Drop => St::Drop,
-        };
-        let _ = out
-            .send(rt::SubscribeTopicEventsRequestAlpha1 {
-                subscribe_topic_events_request_type: Some(R2::EventProcessed(
-                    rt::SubscribeTopicEventsRequestProcessedAlpha1 {
-                        id,
-                        status: Some(rt::TopicEventResponse {
-                            status: status as i32,
-                        }),
-                    },
-                )),
-            })
-            .await;
-    }
-    // Give daprd the acks before the stream closes.
-    drop(out);
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(Some(_)) = stream.message().await {}
-    })
-    .await;
-    feed.finish();
 }

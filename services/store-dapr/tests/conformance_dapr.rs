@@ -1,24 +1,32 @@
-//! The conformance suite on the Dapr backend, through real gRPC, against a
-//! Dapr double (the `dapr` crate's generated server, backed by the Valkey
-//! backend on a real valkey-server). Real daprd was not run here.
+//! The conformance suite on the Dapr backend against real daprd (built from
+//! packaging/daprd) with the deployment's resource files, over a real
+//! valkey-server. Without a daprd binary every case says SKIP.
 #![allow(clippy::expect_used)]
 
 use virtufin_store::{Backend, DeliveryOptions};
 use virtufin_store_dapr::{DaprOptions, connect};
-use virtufin_testkit::ValkeyServer;
+use virtufin_testkit::{
+    ValkeyServer,
+    daprd::{self, Daprd, DaprdOptions},
+};
 
-async fn make(
-    options: DeliveryOptions,
-) -> (Backend, (ValkeyServer, virtufin_dapr_double::Running)) {
+async fn make(options: DeliveryOptions) -> Option<(Backend, (ValkeyServer, Daprd))> {
+    let binary = daprd::require("a Dapr conformance case")?;
     let valkey = ValkeyServer::start();
-    let any = "127.0.0.1:0".parse().expect("addr");
-    let double = virtufin_dapr_double::start(&valkey.url(), "virtufin-api", options, any, any)
-        .await
-        .expect("start the Dapr double");
-    let backend = connect(DaprOptions::new(double.grpc.port(), double.http.port()))
-        .await
-        .expect("connect through the double");
-    (backend, (valkey, double))
+    let sidecar = Daprd::start(
+        &binary,
+        &valkey,
+        DaprdOptions {
+            processing_timeout: options.processing_timeout,
+            redeliver_interval: options.reclaim_interval,
+            ..DaprdOptions::default()
+        },
+    );
+    let mut o = DaprOptions::new(sidecar.grpc_port, sidecar.http_port);
+    o.retry_delay = options.retry_delay;
+    o.max_in_flight = options.max_in_flight;
+    let backend = connect(o).await.expect("connect through daprd");
+    Some((backend, (valkey, sidecar)))
 }
 
-virtufin_store::conformance_tests!(make);
+virtufin_store::conformance_tests!(optional make);

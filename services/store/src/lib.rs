@@ -14,6 +14,7 @@ use std::{sync::Arc, time::Duration};
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub mod content_type;
 pub mod memory;
 mod streams;
 pub mod valkey;
@@ -35,6 +36,10 @@ pub enum StoreError {
     /// The backend answered with something unexpected.
     #[error("backend error: {0}")]
     Backend(String),
+    /// The request is valid but this backend cannot serve it as asked
+    /// (the message says why and what to do instead).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

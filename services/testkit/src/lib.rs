@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 pub mod bench;
+pub mod daprd;
 pub mod logs;
 
 use std::{
