@@ -48,9 +48,27 @@ pub struct Config {
     #[arg(long, env = "VIRTUFIN_BACKEND", value_enum)]
     pub backend: Option<BackendKind>,
 
-    /// Valkey URL: redis://HOST:PORT[/DB] or unix:///PATH.
+    /// Valkey URL: redis://HOST:PORT[/DB], unix:///PATH, or Valkey
+    /// Sentinel: redis+sentinel://[USER@]HOST:PORT[,HOST:PORT...]/PRIMARY[/DB]
+    /// (the primary Sentinel names, followed through a failover).
     #[arg(long, env = "VIRTUFIN_VALKEY_URL")]
     pub valkey_url: Option<String>,
+
+    /// A file holding the Sentinels' own password (`requirepass` of the
+    /// Sentinels), when they have one. Default: the systemd credential
+    /// `valkey-sentinel-password`, if the service has one.
+    #[arg(long, env = "VIRTUFIN_VALKEY_SENTINEL_PASSWORD_FILE")]
+    pub valkey_sentinel_password_file: Option<PathBuf>,
+
+    /// Replicas that must have a state write or a publish before the api
+    /// confirms it (Valkey's WAIT). 0: confirmed once the primary has it.
+    #[arg(long, env = "VIRTUFIN_VALKEY_MIN_REPLICAS", default_value_t = 0)]
+    pub valkey_min_replicas: usize,
+
+    /// Longest wait for those replicas; past it the call fails with
+    /// UNAVAILABLE (not confirmed).
+    #[arg(long, env = "VIRTUFIN_VALKEY_WAIT_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub valkey_wait_timeout: Duration,
 
     /// A file holding Valkey's password (its content, surrounding
     /// whitespace trimmed). Default: the systemd credential
@@ -170,33 +188,36 @@ impl Config {
     /// A file that cannot be read, an empty one, or one given as well as a
     /// password in the URL is an error naming it.
     pub fn valkey_password(&self) -> Result<Option<String>, String> {
-        let (path, source) = match &self.valkey_password_file {
-            Some(p) => (p.clone(), "VIRTUFIN_VALKEY_PASSWORD_FILE"),
-            None => match virtufin_common::config::credential("valkey-password") {
-                Some(p) => (p, "the systemd credential valkey-password"),
-                None => return Ok(None),
-            },
-        };
-        let shown = path.display();
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| format!("cannot read the Valkey password file {shown} ({source}): {e}"))?;
-        // As Valkey reads it through NixOS's requirePassFile: one config line.
-        let password = text.trim_ascii();
-        if password.is_empty() {
-            return Err(format!(
-                "the Valkey password file {shown} ({source}) is empty"
-            ));
-        }
-        if self
-            .valkey_url
-            .as_deref()
-            .is_some_and(virtufin_store::valkey::url_has_password)
+        let password = secret_file(
+            self.valkey_password_file.as_ref(),
+            "VIRTUFIN_VALKEY_PASSWORD_FILE",
+            "valkey-password",
+            "Valkey password",
+        )?;
+        if let Some((_, shown)) = &password
+            && self
+                .valkey_url
+                .as_deref()
+                .is_some_and(virtufin_store::valkey::url_has_password)
         {
             return Err(format!(
-                "VIRTUFIN_VALKEY_URL carries a password and {shown} ({source}) gives one too: keep one"
+                "VIRTUFIN_VALKEY_URL carries a password and {shown} gives one too: keep one"
             ));
         }
-        Ok(Some(password.to_owned()))
+        Ok(password.map(|(p, _)| p))
+    }
+
+    /// The Sentinels' password, like [`Self::valkey_password`]
+    /// (VIRTUFIN_VALKEY_SENTINEL_PASSWORD_FILE, else the credential
+    /// `valkey-sentinel-password`).
+    pub fn valkey_sentinel_password(&self) -> Result<Option<String>, String> {
+        Ok(secret_file(
+            self.valkey_sentinel_password_file.as_ref(),
+            "VIRTUFIN_VALKEY_SENTINEL_PASSWORD_FILE",
+            "valkey-sentinel-password",
+            "Valkey Sentinel password",
+        )?
+        .map(|(p, _)| p))
     }
 
     /// Checks what clap cannot: combinations of settings.
@@ -244,4 +265,30 @@ impl Config {
     pub fn defaults() -> Self {
         Self::parse_from(["virtufin-api"])
     }
+}
+
+/// A secret from the file `setting` names, else from the systemd credential
+/// `credential`; with where it came from (for messages). Trimmed as Valkey
+/// reads its own password file (one config line); empty is an error.
+fn secret_file(
+    path: Option<&PathBuf>,
+    setting: &str,
+    credential: &str,
+    what: &str,
+) -> Result<Option<(String, String)>, String> {
+    let (path, source) = match path {
+        Some(p) => (p.clone(), setting.to_owned()),
+        None => match virtufin_common::config::credential(credential) {
+            Some(p) => (p, format!("the systemd credential {credential}")),
+            None => return Ok(None),
+        },
+    };
+    let shown = format!("{} ({source})", path.display());
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("cannot read the {what} file {shown}: {e}"))?;
+    let secret = text.trim_ascii();
+    if secret.is_empty() {
+        return Err(format!("the {what} file {shown} is empty"));
+    }
+    Ok(Some((secret.to_owned(), shown)))
 }

@@ -110,8 +110,13 @@ pub async fn run(
 ) -> Result<(), RunError> {
     config.check().map_err(RunError::Config)?;
     let valkey_password = match config.backend_kind() {
-        BackendKind::Valkey => config.valkey_password().map_err(RunError::Config)?,
-        _ => None,
+        BackendKind::Valkey => (
+            config.valkey_password().map_err(RunError::Config)?,
+            config
+                .valkey_sentinel_password()
+                .map_err(RunError::Config)?,
+        ),
+        _ => (None, None),
     };
     // Without a file setting, a systemd credential named "api-keys" is used.
     let keys_file = config
@@ -289,7 +294,7 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 async fn connect_and_probe(
     app: Arc<App>,
     config: Config,
-    valkey_password: Option<String>,
+    valkey_password: (Option<String>, Option<String>),
     store_check: virtufin_common::Check,
     broker_check: virtufin_common::Check,
 ) {
@@ -302,7 +307,10 @@ async fn connect_and_probe(
                 let mut o =
                     valkey::ValkeyOptions::new(config.valkey_url.clone().unwrap_or_default());
                 o.key_prefix = config.app_id.clone();
-                o.password.clone_from(&valkey_password);
+                o.password.clone_from(&valkey_password.0);
+                o.sentinel_password.clone_from(&valkey_password.1);
+                o.min_replicas = config.valkey_min_replicas;
+                o.wait_timeout = config.valkey_wait_timeout;
                 o.stream_max_len = config.stream_max_len;
                 valkey::connect(o, delivery.clone()).await
             }

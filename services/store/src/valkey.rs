@@ -6,14 +6,22 @@
 //! - pub/sub: one stream per topic, entries `data <CloudEvent JSON>` added
 //!   with `MAXLEN ~`, consumer groups from `0`, `XACK`, `XAUTOCLAIM` of what
 //!   stays pending too long — `pubsub.redis`.
+//!
+//! The primary is one address or the one Valkey Sentinel names
+//! (`redis+sentinel://…`, followed through a failover: [`primary`]). With
+//! `min_replicas` a write is confirmed only once `WAIT` says that many
+//! replicas have it.
+
+mod primary;
+pub use primary::{SentinelUrl, parse_sentinel_url};
 
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{
-    AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError, Script, Value,
-    aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    AsyncConnectionConfig, Client, IntoConnectionInfo, RedisError, RedisResult, Script, Value,
+    aio::{ConnectionManager, MultiplexedConnection},
 };
 
 use crate::{
@@ -24,10 +32,18 @@ use crate::{
 /// How the Valkey backend connects and lays out its data.
 #[derive(Clone)]
 pub struct ValkeyOptions {
-    /// `redis://host:port[/db]`, `redis+unix:///path` or `unix:///path`.
+    /// `redis://host:port[/db]`, `redis+unix:///path`, `unix:///path`, or
+    /// `redis+sentinel://host:port[,host:port…]/<primary>[/<db>]`.
     pub url: String,
     /// Password to authenticate with (`AUTH`), in place of one in the URL.
     pub password: Option<String>,
+    /// The Sentinels' own password, when they have one.
+    pub sentinel_password: Option<String>,
+    /// Replicas that must have a state write or a publish before it is
+    /// confirmed (`WAIT`); 0 confirms once the primary has it.
+    pub min_replicas: usize,
+    /// Longest `WAIT` for those replicas.
+    pub wait_timeout: Duration,
     /// Prefix of state keys; Dapr uses the app id (`virtufin-api`).
     pub key_prefix: String,
     /// Approximate bound of each topic's stream (`MAXLEN ~`).
@@ -41,6 +57,9 @@ impl ValkeyOptions {
         Self {
             url: url.into(),
             password: None,
+            sentinel_password: None,
+            min_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
             key_prefix: "virtufin-api".into(),
             stream_max_len: 100_000,
             response_timeout: Duration::from_secs(5),
@@ -54,6 +73,12 @@ impl std::fmt::Debug for ValkeyOptions {
         f.debug_struct("ValkeyOptions")
             .field("url", &self.url)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "sentinel_password",
+                &self.sentinel_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("min_replicas", &self.min_replicas)
+            .field("wait_timeout", &self.wait_timeout)
             .field("key_prefix", &self.key_prefix)
             .field("stream_max_len", &self.stream_max_len)
             .field("response_timeout", &self.response_timeout)
@@ -63,13 +88,20 @@ impl std::fmt::Debug for ValkeyOptions {
 
 /// Whether a Valkey URL carries a password (`redis://:PASSWORD@host`).
 pub fn url_has_password(url: &str) -> bool {
+    if parse_sentinel_url(url).is_some() {
+        // Refused by validate_url when it does.
+        return false;
+    }
     url.into_connection_info()
         .is_ok_and(|i| i.redis_settings().password().is_some())
 }
 
 /// Checks a Valkey URL without connecting.
 pub fn validate_url(url: &str) -> std::result::Result<(), String> {
-    Client::open(url).map(|_| ()).map_err(|e| e.to_string())
+    match parse_sentinel_url(url) {
+        Some(parsed) => parsed.map(|_| ()),
+        None => Client::open(url).map(|_| ()).map_err(|e| e.to_string()),
+    }
 }
 
 /// Connects (one attempt) and builds the backend.
@@ -85,8 +117,7 @@ pub async fn connect(options: ValkeyOptions, delivery: DeliveryOptions) -> Resul
 /// State and streams on Valkey.
 #[derive(Clone)]
 pub struct ValkeyStore {
-    client: Client,
-    conn: ConnectionManager,
+    primary: Arc<primary::Primary>,
     options: ValkeyOptions,
     set_script: Arc<Script>,
     delete_script: Arc<Script>,
@@ -194,29 +225,12 @@ fn parse_read_reply(v: &Value) -> Vec<Entry> {
 }
 
 impl ValkeyStore {
-    /// Connects once; fails when Valkey does not answer.
+    /// Connects once; fails when Valkey (or, with Sentinel, a primary)
+    /// does not answer.
     pub async fn connect(options: ValkeyOptions) -> Result<Self> {
-        let invalid = |e: RedisError| StoreError::Backend(format!("invalid Valkey URL: {e}"));
-        let mut info = options
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(invalid)?;
-        if let Some(password) = &options.password {
-            let redis = info.redis_settings().clone().set_password(password);
-            info = info.set_redis_settings(redis);
-        }
-        let client = Client::open(info).map_err(invalid)?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.response_timeout))
-            .set_response_timeout(Some(options.response_timeout))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), cfg)
-            .await
-            .map_err(map_err)?;
+        let primary = Arc::new(primary::Primary::connect(&options).await?);
         Ok(Self {
-            client,
-            conn,
+            primary,
             options,
             set_script: Arc::new(Script::new(SET_LUA)),
             delete_script: Arc::new(Script::new(DELETE_LUA)),
@@ -236,8 +250,45 @@ impl ValkeyStore {
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
-        let mut c = self.conn.clone();
-        cmd.query_async(&mut c).await.map_err(map_err)
+        self.primary
+            .run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await
+    }
+
+    /// Runs a write and, with `min_replicas`, `WAIT`s on the same
+    /// connection for that many replicas to have it.
+    async fn write<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let (n, timeout) = (self.options.min_replicas, self.options.wait_timeout);
+        let (value, acked) = self
+            .primary
+            .run(|c| {
+                let written = f(c.clone());
+                async move {
+                    let value = written.await?;
+                    if n == 0 {
+                        return Ok((value, 0));
+                    }
+                    let mut c = c;
+                    let acked: usize = redis::cmd("WAIT")
+                        .arg(n)
+                        .arg(timeout.as_millis().max(1) as u64)
+                        .query_async(&mut c)
+                        .await?;
+                    Ok((value, acked))
+                }
+            })
+            .await?;
+        if acked < n {
+            return Err(StoreError::Unavailable(format!(
+                "not confirmed: {acked} of the {n} replicas VIRTUFIN_VALKEY_MIN_REPLICAS asks \
+                 for had the write within {timeout:?} (it may still take effect)"
+            )));
+        }
+        Ok(value)
     }
 }
 
@@ -277,21 +328,28 @@ impl StateStore for ValkeyStore {
                 .arg("data")
                 .arg("version");
         }
-        let mut c = self.conn.clone();
-        let rows: Vec<Vec<Option<String>>> = pipe.query_async(&mut c).await.map_err(map_err)?;
+        let rows: Vec<Vec<Option<String>>> = self
+            .primary
+            .run(|mut c| {
+                let pipe = &pipe;
+                async move { pipe.query_async(&mut c).await }
+            })
+            .await?;
         Ok(rows.into_iter().map(versioned).collect())
     }
 
     async fn set(&self, key: &str, value: &str, etag: Option<&str>) -> Result<String> {
-        let mut c = self.conn.clone();
+        let invocation = {
+            let mut i = self.set_script.key(self.state_key(key));
+            i.arg(value).arg(etag.unwrap_or(""));
+            i
+        };
         let n: i64 = self
-            .set_script
-            .key(self.state_key(key))
-            .arg(value)
-            .arg(etag.unwrap_or(""))
-            .invoke_async(&mut c)
-            .await
-            .map_err(map_err)?;
+            .write(|mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut c).await }
+            })
+            .await?;
         if n < 0 {
             return Err(StoreError::EtagMismatch {
                 key: key.to_owned(),
@@ -301,14 +359,17 @@ impl StateStore for ValkeyStore {
     }
 
     async fn delete(&self, key: &str, etag: Option<&str>) -> Result<bool> {
-        let mut c = self.conn.clone();
+        let invocation = {
+            let mut i = self.delete_script.key(self.state_key(key));
+            i.arg(etag.unwrap_or(""));
+            i
+        };
         let n: i64 = self
-            .delete_script
-            .key(self.state_key(key))
-            .arg(etag.unwrap_or(""))
-            .invoke_async(&mut c)
-            .await
-            .map_err(map_err)?;
+            .write(|mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut c).await }
+            })
+            .await?;
         if n < 0 {
             return Err(StoreError::EtagMismatch {
                 key: key.to_owned(),
@@ -321,8 +382,15 @@ impl StateStore for ValkeyStore {
         if members.is_empty() {
             return Ok(0);
         }
-        self.query(redis::cmd("SADD").arg(self.set_key(key)).arg(members))
-            .await
+        let cmd = redis::cmd("SADD")
+            .arg(self.set_key(key))
+            .arg(members)
+            .clone();
+        self.write(|mut c| {
+            let cmd = &cmd;
+            async move { cmd.query_async(&mut c).await }
+        })
+        .await
     }
 
     async fn set_members(&self, key: &str) -> Result<Vec<String>> {
@@ -341,16 +409,19 @@ impl Streams for ValkeyStore {
     type Reader = ValkeyReader;
 
     async fn add(&self, topic: &str, data: &[u8]) -> Result<String> {
-        self.query(
-            redis::cmd("XADD")
-                .arg(topic)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.options.stream_max_len)
-                .arg("*")
-                .arg("data")
-                .arg(data),
-        )
+        let cmd = redis::cmd("XADD")
+            .arg(topic)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.options.stream_max_len)
+            .arg("*")
+            .arg("data")
+            .arg(data)
+            .clone();
+        self.write(|mut c| {
+            let cmd = &cmd;
+            async move { cmd.query_async(&mut c).await }
+        })
         .await
     }
 
@@ -369,8 +440,11 @@ impl Streams for ValkeyStore {
                 .arg("data")
                 .arg(data.as_slice());
         }
-        let mut c = self.conn.clone();
-        pipe.query_async(&mut c).await.map_err(map_err)
+        self.write(|mut c| {
+            let pipe = &pipe;
+            async move { pipe.query_async(&mut c).await }
+        })
+        .await
     }
 
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
@@ -495,15 +569,18 @@ impl Streams for ValkeyStore {
     }
 
     async fn forget_consumer(&self, topic: &str, group: &str, consumer: &str) -> Result<()> {
-        let mut c = self.conn.clone();
+        let invocation = {
+            let mut i = self.forget_script.key(topic);
+            i.arg(group).arg(consumer);
+            i
+        };
         let _: i64 = self
-            .forget_script
-            .key(topic)
-            .arg(group)
-            .arg(consumer)
-            .invoke_async(&mut c)
-            .await
-            .map_err(map_err)?;
+            .primary
+            .run(|mut c| {
+                let invocation = &invocation;
+                async move { invocation.invoke_async(&mut c).await }
+            })
+            .await?;
         Ok(())
     }
 
@@ -533,7 +610,8 @@ impl StreamReader for ValkeyReader {
                     .set_response_timeout(Some(block + self.store.options.response_timeout));
                 let c = self
                     .store
-                    .client
+                    .primary
+                    .client()
                     .get_multiplexed_async_connection_with_config(&cfg)
                     .await
                     .map_err(map_err)?;

@@ -56,6 +56,8 @@ pub struct ValkeyServer {
     dir: tempfile::TempDir,
     persist: bool,
     password: Option<String>,
+    /// Arguments beyond the defaults (kept across restarts).
+    extra: Vec<String>,
 }
 
 impl ValkeyServer {
@@ -71,13 +73,30 @@ impl ValkeyServer {
 
     /// Starts a server that requires `password` (`--requirepass`).
     pub fn start_with_password(password: &str) -> Self {
-        Self::spawn(free_port(), None, false, Some(password.to_owned()))
+        Self::spawn(
+            free_port(),
+            None,
+            false,
+            Some(password.to_owned()),
+            Vec::new(),
+        )
+    }
+
+    /// Starts a replica of `primary` (`--replicaof`), answering as soon as
+    /// its own port is open (it syncs in the background).
+    pub fn start_replica_of(primary: &ValkeyServer) -> Self {
+        let extra = vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port.to_string(),
+        ];
+        Self::spawn(free_port(), None, false, None, extra)
     }
 
     /// Starts a server on `port`, reusing `dir` (for restarts) when given.
     /// Returns once the server logs that it accepts connections.
     pub fn start_on(port: u16, dir: Option<tempfile::TempDir>, persist: bool) -> Self {
-        Self::spawn(port, dir, persist, None)
+        Self::spawn(port, dir, persist, None, Vec::new())
     }
 
     fn spawn(
@@ -85,6 +104,7 @@ impl ValkeyServer {
         dir: Option<tempfile::TempDir>,
         persist: bool,
         password: Option<String>,
+        extra: Vec<String>,
     ) -> Self {
         let dir = dir.unwrap_or_else(|| tempfile::tempdir().expect("tempdir"));
         let mut cmd = Command::new(valkey_binary());
@@ -109,6 +129,7 @@ impl ValkeyServer {
         if let Some(p) = &password {
             cmd.arg("--requirepass").arg(p);
         }
+        cmd.args(&extra);
         let mut child = cmd.spawn().expect("start valkey-server");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
@@ -131,6 +152,7 @@ impl ValkeyServer {
             dir,
             persist,
             password,
+            extra,
         }
     }
 
@@ -152,10 +174,11 @@ impl ValkeyServer {
         let port = this.port;
         let persist = this.persist;
         let password = this.password.take();
+        let extra = std::mem::take(&mut this.extra);
         // Move the directory out without running Drop's kill twice.
         let dir = std::mem::replace(&mut this.dir, tempfile::tempdir().expect("tempdir"));
         drop(this);
-        Self::spawn(port, Some(dir), persist, password)
+        Self::spawn(port, Some(dir), persist, password, extra)
     }
 
     /// Stops the server and returns its data directory and port.
@@ -168,6 +191,73 @@ impl ValkeyServer {
 }
 
 impl Drop for ValkeyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Valkey Sentinel (the server binary in `--sentinel` mode) watching the
+/// primary `name`, killed on drop.
+pub struct Sentinel {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    /// Starts a Sentinel monitoring `primary` as `name` with `quorum`,
+    /// declaring it down after `down_after` without an answer. Returns once
+    /// it monitors the primary.
+    pub fn start(primary: &ValkeyServer, name: &str, quorum: u32, down_after: Duration) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        let ms = down_after.as_millis();
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {name} 127.0.0.1 {} {quorum}\n\
+                 sentinel down-after-milliseconds {name} {ms}\n\
+                 sentinel failover-timeout {name} {}\n",
+                dir.path().display(),
+                primary.port,
+                (ms * 4).max(1000),
+            ),
+        )
+        .expect("sentinel.conf");
+        let mut child = Command::new(valkey_binary())
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start a sentinel");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if !sent && line.contains("+monitor master") {
+                    let _ = tx.send(());
+                    sent = true;
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+            let _ = child.kill();
+            panic!("sentinel on port {port} did not start monitoring");
+        }
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Sentinel {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
