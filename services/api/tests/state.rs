@@ -57,6 +57,33 @@ async fn etags_guard_writes(kind: Kind) {
     api.stop().await;
 }
 
+/// Etag "0" creates only: of many concurrent creators exactly one wins
+/// (what the workmanager's recovery lease relies on).
+async fn etag_zero_creates_only_once(kind: Kind) {
+    let api = start(kind).await;
+    ready(&api).await;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            let c = api.client.clone();
+            tokio::spawn(async move { c.save("wm", "lease", &format!("holder-{i}"), "0").await })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        match t.await.unwrap() {
+            Ok(_) => won.push(i),
+            Err(virtufin_api_client::ClientError::Status(s)) => {
+                assert_eq!(s.code(), Code::Aborted, "{s:?}")
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "exactly one creator wins: {won:?}");
+    let (value, _) = api.client.get("wm", "lease").await.unwrap().unwrap();
+    assert_eq!(value, format!("holder-{}", won[0]));
+    api.stop().await;
+}
+
 async fn get_all_returns_registered_keys(kind: Kind) {
     let api = start(kind).await;
     ready(&api).await;
@@ -298,6 +325,7 @@ async fn rest_routes(kind: Kind) {
 
 both_backends!(
     etags_guard_writes,
+    etag_zero_creates_only_once,
     get_all_returns_registered_keys,
     saves_and_deletes_are_announced,
     bad_input_is_refused_and_changes_nothing,

@@ -93,6 +93,10 @@ impl DaprOptions {
 pub struct DaprStore {
     client: DaprClient<Channel>,
     options: DaprOptions,
+    /// Create-only writes, one at a time: state.redis cannot create "if
+    /// absent", so the read and the write must not interleave with another
+    /// creator's (every write to this daprd comes through this api).
+    creating: Arc<tokio::sync::Mutex<()>>,
     /// Each topic's subscription hub (one daprd stream per topic).
     hubs: Arc<tokio::sync::Mutex<HashMap<String, hub::Hub>>>,
     http: hyper_util::client::legacy::Client<
@@ -172,6 +176,7 @@ impl DaprStore {
         Ok(Self {
             client,
             options,
+            creating: Arc::default(),
             hubs: Arc::default(),
             http,
         })
@@ -251,12 +256,23 @@ impl DaprStore {
     /// Writes through daprd. With `etag`, only if the key exists with that
     /// version (daprd alone would also accept any etag on a missing key).
     async fn save(&self, key: &str, value: &str, etag: Option<&str>) -> Result<()> {
+        let mut etag = etag;
+        let _creating = match etag {
+            Some(virtufin_store::CREATE_ONLY) => Some(self.creating.lock().await),
+            _ => None,
+        };
         if let Some(e) = etag {
             check_etag(key, e)?;
-            if self.get(key).await?.is_none() {
+            let exists = self.get(key).await?.is_some();
+            if exists == (e == virtufin_store::CREATE_ONLY) {
                 return Err(StoreError::EtagMismatch {
                     key: key.to_owned(),
                 });
+            }
+            if e == virtufin_store::CREATE_ONLY {
+                // Create only: state.redis cannot say "if absent"; the read
+                // above, under `creating`, stands in.
+                etag = None;
             }
         }
         let item = common_v1::StateItem {

@@ -132,6 +132,24 @@ pub async fn plain_writes_follow_guarded_ones(b: Backend) {
     s.set("c/mixed", "again", None).await.unwrap();
 }
 
+pub async fn etag_zero_creates_only(b: Backend) {
+    let s = &b.state;
+    let e1 = s
+        .set("c/new", "first", Some(crate::CREATE_ONLY))
+        .await
+        .unwrap();
+    let err = s
+        .set("c/new", "second", Some(crate::CREATE_ONLY))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::EtagMismatch { .. }), "{err:?}");
+    let now = s.get("c/new").await.unwrap().unwrap();
+    assert_eq!(
+        (now.value.as_str(), now.etag.as_str()),
+        ("first", e1.as_str())
+    );
+}
+
 pub async fn get_many_mixes_hits_and_misses(b: Backend) {
     let s = &b.state;
     s.set("m/a", "1", None).await.unwrap();
@@ -398,6 +416,7 @@ macro_rules! conformance_tests {
             stale_etag_changes_nothing,
             etags_that_are_not_versions_never_match,
             plain_writes_follow_guarded_ones,
+            etag_zero_creates_only,
             get_many_mixes_hits_and_misses,
             sets_add_and_list_members,
             each_group_gets_every_event,
@@ -421,6 +440,7 @@ macro_rules! conformance_tests {
             stale_etag_changes_nothing,
             etags_that_are_not_versions_never_match,
             plain_writes_follow_guarded_ones,
+            etag_zero_creates_only,
             get_many_mixes_hits_and_misses,
             sets_add_and_list_members,
             each_group_gets_every_event,

@@ -51,6 +51,10 @@ pub struct Versioned {
     pub etag: String,
 }
 
+/// The etag that asks a write to create the key only: versions start at
+/// 1, so version "0" is the key before it exists.
+pub const CREATE_ONLY: &str = "0";
+
 /// Key/value state with optimistic concurrency.
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
@@ -58,7 +62,8 @@ pub trait StateStore: Send + Sync + 'static {
     /// Reads many keys at once; `None` where a key holds nothing.
     async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Versioned>>>;
     /// Writes `value`. With `etag`, only if the stored etag still equals it
-    /// (a missing key never matches). Returns the new etag.
+    /// (a missing key never matches), or, with [`CREATE_ONLY`], only if the
+    /// key does not exist. Returns the new etag.
     async fn set(&self, key: &str, value: &str, etag: Option<&str>) -> Result<String>;
     /// Deletes the key. With `etag`, only if it still matches. Returns
     /// whether something was deleted.

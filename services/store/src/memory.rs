@@ -97,6 +97,8 @@ impl MemoryStore {
     }
 }
 
+use crate::CREATE_ONLY;
+
 fn check_etag(key: &str, current: Option<u64>, etag: Option<&str>) -> Result<()> {
     match etag {
         None => Ok(()),
@@ -132,7 +134,16 @@ impl StateStore for MemoryStore {
     async fn set(&self, key: &str, value: &str, etag: Option<&str>) -> Result<String> {
         let mut g = self.lock();
         let current = g.state.get(key).map(|(_, n)| *n);
-        check_etag(key, current, etag)?;
+        match etag {
+            // Version 0: the key must not exist yet (create only).
+            Some(CREATE_ONLY) if current.is_some() => {
+                return Err(StoreError::EtagMismatch {
+                    key: key.to_owned(),
+                });
+            }
+            Some(CREATE_ONLY) => {}
+            _ => check_etag(key, current, etag)?,
+        }
         let next = current.unwrap_or(0) + 1;
         g.state.insert(key.to_owned(), (value.to_owned(), next));
         Ok(next.to_string())

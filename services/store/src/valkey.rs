@@ -133,10 +133,13 @@ impl std::fmt::Debug for ValkeyStore {
 }
 
 // Etag checks and the version bump must be atomic: one script each.
-// Returns the new version, or -1 when the etag does not match.
+// Returns the new version, or -1 when the etag does not match; etag '0'
+// (CREATE_ONLY) matches only a key that does not exist.
 const SET_LUA: &str = r"
 local v = redis.call('HGET', KEYS[1], 'version')
-if ARGV[2] ~= '' and v ~= ARGV[2] then return -1 end
+if ARGV[2] == '0' then
+  if v then return -1 end
+elseif ARGV[2] ~= '' and v ~= ARGV[2] then return -1 end
 local n = redis.call('HINCRBY', KEYS[1], 'version', 1)
 redis.call('HSET', KEYS[1], 'data', ARGV[1])
 return n

@@ -664,7 +664,9 @@ impl Shared {
                 .await
                 .map_err(client_error)?;
             let free_etag = match &current {
-                None => Some(String::new()),
+                // Etag "0": create only, so two instances that both found
+                // no lease cannot both take it.
+                None => Some("0".to_owned()),
                 Some((v, etag)) => match serde_json::from_str::<Lease>(v) {
                     Ok(l) if l.holder != self.instance && l.expires_ms > now_ms() => None,
                     _ => Some(etag.clone()),
