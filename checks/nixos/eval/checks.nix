@@ -320,7 +320,12 @@
         CapabilityBoundingSet = "";
         RuntimeDirectory = "virtufin-daprd";
         UMask = "0077";
+        # A crash of daprd must not stop and restart the api (Requires=).
+        RestartMode = "direct";
       })
+      # Without it, daprd exits in the sandbox on a host without a default
+      # route (its host address lookup needs netlink).
+      ++ same "virtufin-daprd.service Environment DAPR_HOST_IP" "127.0.0.1" ((environment d).DAPR_HOST_IP or null)
       ++ check {
         what = "daprd's binary";
         expected = "/nix/store/…/bin/daprd";

@@ -137,8 +137,8 @@ in
   ++ same "the secret store's file is installed as a conffile" true (builtins.elem "/etc/virtufin/dapr-secrets.json" deb.conf-files && installed ? "/etc/virtufin/dapr-secrets.json")
   # Everything else in [Service], sandboxing included.
   ++ sameAttrs "[Service] (paths and the rendering at start aside)" (settings n) (settings d)
-  ++ same "Environment= HOME" ((environment n).HOME or null) (dEnv.HOME or null)
-  ++ same "Environment= beside HOME: only the placeholders' values" [] (lib.filter (k: k != "HOME" && !(lib.hasPrefix "VIRTUFIN_DAPR_" k)) (builtins.attrNames dEnv))
+  # NixOS adds PATH; the Debian unit has the placeholders' values.
+  ++ sameAttrs "Environment=" (removeAttrs (environment n) ["PATH"]) (lib.filterAttrs (k: _: !(lib.hasPrefix "VIRTUFIN_DAPR_" k)) dEnv)
   # The health wait.
   ++ same "ExecStartPost= polls /v1.0/healthz on daprd's HTTP port" ["/usr/lib/virtufin/daprd-healthy" (after nixos.daprd.argv "--dapr-http-port")] postArgv
   ++ same "the health wait asks for /v1.0/healthz on 127.0.0.1" [true true] [(lib.hasInfix "http://127.0.0.1:" nHealthy && lib.hasInfix "/v1.0/healthz" nHealthy) (lib.hasInfix "/dev/tcp/127.0.0.1/$port" healthyScript && lib.hasInfix "GET /v1.0/healthz " healthyScript)]
