@@ -36,7 +36,9 @@
 #   - the websocketmanager and workmanager on this backend, and a reboot
 #     keeping state, a connection and a worker that answers (as above);
 #   - virtufin-daprd's `systemd-analyze security` exposure is at most 2.0.
-# Without Go (no daprd) the dapr pass is a loud SKIP. Needs root.
+# Without Go (no daprd) the dapr pass is a loud SKIP. The passes are
+# checks/chain/valkey.sh and dapr.sh; this file builds, prepares and
+# holds the helpers both use. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -125,7 +127,6 @@ print(next((c for c in cands if os.path.isfile(c) and os.access(c, os.X_OK)), ""
 PY
 )
 [ -n "$grpcurl_bin" ] || grpcurl_bin=$(command -v grpcurl)
-prepare_root
 
 NSPAWN=""
 boot() {
@@ -263,206 +264,18 @@ journals() {
   done
 }
 
-say "boot"
-boot
-for u in $UNITS; do check "$u is active after boot" wait_active "$u"; done
-check_started_after_api
-
-say "the api waits for Valkey"
-check_api_waits_for valkey-server
-
-smoke
-
-say "kill -9 of the api"
-in_ct virtufin state set chain acknowledged "before-kill" >/dev/null
-wsm_pid=$(prop virtufin-websocketmanager MainPID)
-wm_pid=$(prop virtufin-workmanager MainPID)
-in_ct systemctl kill -s KILL virtufin-api
-for _ in $(seq 100); do [ "$(prop virtufin-api NRestarts)" -ge 1 ] && break; sleep 0.1; done
-check "systemd restarted the api (NRestarts=$(prop virtufin-api NRestarts))" wait_active virtufin-api
-check "the websocketmanager re-handshook and is ready" ready_again virtufin-websocketmanager virtufin ws list
-check "... without being restarted (PID $wsm_pid)" test "$(prop virtufin-websocketmanager MainPID)" = "$wsm_pid"
-check "the workmanager re-handshook and is ready" ready_again virtufin-workmanager virtufin workers list
-check "... without being restarted (PID $wm_pid)" test "$(prop virtufin-workmanager MainPID)" = "$wm_pid"
-check "acknowledged state survived" test "$(in_ct virtufin state get chain acknowledged | grep -o before-kill)" = before-kill
-
-reboot_keeps_state
-say "a native worker (C ABI v1, in virtufin-worker-host) under the units' sandbox"
-cp target/release/libvirtufin_echo_worker.so "$WORK/root/"
-native=$(in_ct virtufin workers create /root/libvirtufin_echo_worker.so --topic chain-native-jobs --start | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
-check "a native worker is running ($native)" test -n "$native"
-in_ct sh -c 'virtufin subscribe com.virtufin.example.echo.reply --subscriber chain-native --count 2 >/tmp/native.out 2>&1 & echo $! >/tmp/native.pid'
-wait_subscribed chain-native
-in_ct virtufin publish chain-native-jobs '{"command":"echo","payload":"native-under-systemd"}' >/dev/null
-in_ct virtufin publish chain-native-jobs '{"command":"gateway","service":"websocketmanager","method":"List","request":{}}' >/dev/null
-for _ in $(seq 100); do in_ct sh -c 'kill -0 $(cat /tmp/native.pid) 2>/dev/null' || break; sleep 0.1; done
-native_answered() { in_ct grep -q native-under-systemd /tmp/native.out; }
-check "... and answers an event" native_answered
-native_answered || in_ct sh -c 'echo "   subscriber output:"; cat /tmp/native.out; echo "   lifecycle events:"; timeout 3 virtufin subscribe workmanager.workerstatus --subscriber chain-diag | grep error' || true
-check "... and its gateway_call reaches the websocketmanager through the api's Gateway" in_ct grep -q "$conn" /tmp/native.out
-
-say "API keys as systemd credentials, and the Gateway"
-# Keys and bindings for the api; each downstream service gets its own key
-# as a credential (its DynamicUser cannot read root's files itself).
-in_ct sh -c 'umask 077; mkdir -p /etc/virtufin/keys
-cat >/etc/virtufin/api-keys.yaml <<EOF
-keys:
-  - {name: admin, key: chain-admin-key-0123456789}
-  - {name: websocketmanager, key: chain-wsm-key-0123456789, services: [websocketmanager]}
-  - {name: workmanager, key: chain-wm-key-0123456789ab, services: [workmanager]}
-EOF
-echo chain-wsm-key-0123456789 >/etc/virtufin/keys/websocketmanager
-echo chain-wm-key-0123456789ab >/etc/virtufin/keys/workmanager
-umask 022
-cat >/etc/virtufin/services.json <<EOF
-{"services": [
-  {"name": "websocketmanager", "grpc": {"host": "127.0.0.1", "port": 5202, "reflectionEnabled": true}},
-  {"name": "workmanager", "grpc": {"host": "127.0.0.1", "port": 5102, "reflectionEnabled": true}}
-]}
-EOF
-d=/etc/systemd/system
-mkdir -p $d/virtufin-api.service.d $d/virtufin-websocketmanager.service.d $d/virtufin-workmanager.service.d
-printf "[Service]\nLoadCredential=api-keys:/etc/virtufin/api-keys.yaml\nEnvironment=SERVICES_CONFIG_PATH=/etc/virtufin/services.json\n" >$d/virtufin-api.service.d/keys.conf
-printf "[Service]\nLoadCredential=api-key:/etc/virtufin/keys/websocketmanager\n" >$d/virtufin-websocketmanager.service.d/key.conf
-printf "[Service]\nLoadCredential=api-key:/etc/virtufin/keys/workmanager\n" >$d/virtufin-workmanager.service.d/key.conf
-systemctl daemon-reload'
-in_ct systemctl restart virtufin-api
-in_ct systemctl restart virtufin-websocketmanager virtufin-workmanager
-check "the api is active with keys required" wait_active virtufin-api
-check "the websocketmanager is ready with its own key" wait_active virtufin-websocketmanager
-check "the workmanager is ready with its own key" wait_active virtufin-workmanager
-no_key=$(in_ct grpcurl -plaintext -d '{"topic":"t","data":"x"}' virtufin-api:5002 virtufin.api.v1.Pubsub/PublishEvent 2>&1 || true)
-check "grpcurl without a key: Unauthenticated" grep -q Unauthenticated <<<"$no_key"
-methods=$(in_ct grpcurl -plaintext -H 'x-api-key: chain-admin-key-0123456789' -d '{"service":"workmanager"}' virtufin-api:5002 virtufin.api.v1.Gateway/ListMethods 2>&1 || true)
-check "grpcurl with a key: the Gateway lists the workmanager's methods by reflection" grep -q CreateWorker <<<"$methods"
-listed=$(in_ct virtufin --api-key chain-admin-key-0123456789 gateway invoke websocketmanager List 2>&1 || true)
-check "the CLI calls the websocketmanager's List through the Gateway" grep -q connections <<<"$listed"
-denied=$(in_ct virtufin --api-key chain-wsm-key-0123456789 state get workmanager anything 2>&1 || true)
-check "the websocketmanager's key cannot read the workmanager's state" grep -q PermissionDenied <<<"$denied"
-audit=$(in_ct journalctl -u virtufin-api -o verbose --no-pager 2>/dev/null | grep -c 'F_CALLER=websocketmanager' || true)
-check "audit lines in the journal name the websocketmanager as caller ($audit)" test "${audit:-0}" -gt 0
-
-security $UNITS
-
-say "start-to-ready time and idle RSS"
-in_ct systemctl stop virtufin-workmanager virtufin-websocketmanager virtufin-api
-t0=$(python3 -c 'import time; print(int(time.monotonic() * 1e6))')
-in_ct systemctl start virtufin-api virtufin-websocketmanager virtufin-workmanager
-t1=0
-for u in $UNITS; do
-  t=$(prop "$u" ActiveEnterTimestampMonotonic)
-  [ "$t" -gt "$t1" ] && t1=$t
-done
-echo "   systemctl start → all three ready: $(( (t1 - t0) / 1000 )) ms (target ≤ 1000 ms; the workmanager recovers its running worker first)"
-sleep 2
-idle_rss $UNITS
-journals $UNITS
-poweroff_ct
-
-if [ -z "$DAPRD" ]; then
-  echo "######## SKIP: the dapr pass NOT RUN: no Go to build daprd from packaging/daprd (scripts/daprd) ########"
-else
-  say "the dapr pass: a fresh root, daprd in /usr/local/bin, the api switched over as the README says"
-  # The README's steps (no daemon-reload or start: nothing runs yet).
-  prepare_root 'mkdir -p /etc/systemd/system/virtufin-api.service.d &&
-    cp /usr/share/virtufin/dapr/virtufin-api.conf /etc/systemd/system/virtufin-api.service.d/20-dapr.conf &&
-    systemctl enable virtufin-daprd'
-  install -m 755 "$DAPRD" "$WORK/usr/local/bin/daprd"
-
-  say "boot (dapr)"
-  boot
-  for u in virtufin-daprd $UNITS; do check "$u is active after boot" wait_active "$u"; done
-  check "the api Requires= virtufin-daprd ($(prop virtufin-api Requires))" grep -qw virtufin-daprd.service <<<"$(prop virtufin-api Requires)"
-  check "the api is After= virtufin-daprd" grep -qw virtufin-daprd.service <<<"$(prop virtufin-api After)"
-  check "virtufin-daprd Requires= the store ($(prop virtufin-daprd Requires))" grep -qw valkey-server.service <<<"$(prop virtufin-daprd Requires)"
-  health=$(in_ct python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:5001/health").read().decode())' 2>&1 || true)
-  check "the api's /health reports the Dapr sidecar at 127.0.0.1:50001 / 3500" grep -q 'the Dapr sidecar at 127.0.0.1:50001 (gRPC) / 3500 (HTTP) answers' <<<"$health"
-  # daprd's unit is active only once ExecStartPost saw /v1.0/healthz answer.
-  daprd_healthy=$(prop virtufin-daprd ActiveEnterTimestampMonotonic)
-  api_started=$(prop virtufin-api ExecMainStartTimestampMonotonic)
-  check "the api started ($api_started µs) after daprd was healthy ($daprd_healthy µs)" test "$api_started" -ge "$daprd_healthy"
-  check_started_after_api
-  # The components ExecStartPre rendered from /usr/share/virtufin/dapr/resources
-  # are the source files with the unit's values in the placeholders, and
-  # daprd loaded them.
-  components_rendered() {
-    in_ct python3 - <<'PY'
-import glob, json, os, sys
-env = {"@VALKEY_HOST@": "127.0.0.1:6379", "@PROCESSING_TIMEOUT@": "60s", "@REDELIVER_INTERVAL@": "15s",
-       "@SECRETS_FILE@": "/run/credentials/virtufin-daprd.service/secrets.json"}
-ok = True
-for src in sorted(glob.glob("/usr/share/virtufin/dapr/resources/*.json")):
-    text = open(src).read()
-    for k, v in env.items():
-        text = text.replace(k, v)
-    out = "/run/virtufin-daprd/resources/" + os.path.basename(src)[:-5] + ".yaml"
-    if not os.path.exists(out) or json.load(open(out)) != json.loads(text):
-        print("   not as rendered:", out); ok = False
-sys.exit(0 if ok else 1)
-PY
-  }
-  check "virtufin-daprd's ExecStartPre rendered packaging/dapr/resources with the unit's values" components_rendered
-  components=$(in_ct python3 -c 'import json, urllib.request
-m = json.load(urllib.request.urlopen("http://127.0.0.1:3500/v1.0/metadata"))
-print(" ".join(sorted(c["name"] + ":" + c["type"] for c in m.get("components", []))))' 2>&1 || true)
-  check "daprd loaded the components ($components)" test "$components" = "pubsub:pubsub.redis statestore:state.redis virtufin-secrets:secretstores.local.file"
-
-  say "the api waits for daprd"
-  check_api_waits_for virtufin-daprd
-  check "... its STATUS= named the Dapr sidecar" grep -q "^waiting for .*the Dapr sidecar at 127.0.0.1:50001" <<<"$waiting_status"
-
-  smoke
-
-  say "kill -9 of daprd"
-  in_ct virtufin state set chain acknowledged "before-daprd-kill" >/dev/null
-  api_pid=$(prop virtufin-api MainPID)
-  api_restarts=$(prop virtufin-api NRestarts)
-  wsm_pid=$(prop virtufin-websocketmanager MainPID)
-  wm_pid=$(prop virtufin-workmanager MainPID)
-  in_ct systemctl kill -s KILL virtufin-daprd
-  # Watch the api until it has been seen not ready (its STATUS= and
-  # /health) and ready again.
-  seen=$(in_ct python3 - <<'PY'
-import json, subprocess, time, urllib.error, urllib.request
-def status():
-    return subprocess.run(["systemctl", "show", "-P", "StatusText", "virtufin-api"], capture_output=True, text=True).stdout.strip()
-def health():
-    try:
-        return urllib.request.urlopen("http://127.0.0.1:5001/health", timeout=2).status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-not_ready_status = None; saw_503 = False
-deadline = time.monotonic() + 60
-while time.monotonic() < deadline:
-    s, h = status(), health()
-    if s != "virtufin-api ready" and not_ready_status is None:
-        not_ready_status = s
-    saw_503 |= h == 503
-    if not_ready_status is not None and saw_503 and s == "virtufin-api ready" and h == 200:
-        break
-    time.sleep(0.05)
-print(json.dumps({"status": not_ready_status, "saw_503": saw_503, "back": s == "virtufin-api ready" and h == 200}))
-PY
-)
-  echo "   $seen"
-  check "systemd restarted daprd (NRestarts=$(prop virtufin-daprd NRestarts))" test "$(prop virtufin-daprd NRestarts)" -ge 1
-  check "the api was not ready while daprd was gone (STATUS= said why)" grep -q '"status": "waiting for' <<<"$seen"
-  check "... and /health answered 503" grep -q '"saw_503": true' <<<"$seen"
-  check "the api is ready again (STATUS=, /health 200)" grep -q '"back": true' <<<"$seen"
-  check "... without a restart of its own (PID $api_pid, NRestarts $api_restarts)" test "$(prop virtufin-api MainPID):$(prop virtufin-api NRestarts)" = "$api_pid:$api_restarts"
-  check "the websocketmanager is ready" ready_again virtufin-websocketmanager virtufin ws list
-  check "... without being restarted (PID $wsm_pid)" test "$(prop virtufin-websocketmanager MainPID)" = "$wsm_pid"
-  check "the workmanager is ready" ready_again virtufin-workmanager virtufin workers list
-  check "... without being restarted (PID $wm_pid)" test "$(prop virtufin-workmanager MainPID)" = "$wm_pid"
-  check "acknowledged state survived" test "$(in_ct virtufin state get chain acknowledged | grep -o before-daprd-kill)" = before-daprd-kill
-
-  reboot_keeps_state virtufin-daprd
-  security virtufin-daprd
-  idle_rss virtufin-daprd
-  journals virtufin-daprd $UNITS
-  poweroff_ct
+# VIRTUFIN_CHAIN_PASSES picks the passes (default: both), e.g. "dapr"
+# while working on that one.
+want() { [[ " ${VIRTUFIN_CHAIN_PASSES:-valkey dapr} " == *" $1 "* ]]; }
+if want valkey; then
+  . checks/chain/valkey.sh
+fi
+if want dapr; then
+  if [ -z "$DAPRD" ]; then
+    echo "######## SKIP: the dapr pass NOT RUN: no Go to build daprd from packaging/daprd (scripts/daprd) ########"
+  else
+    . checks/chain/dapr.sh
+  fi
 fi
 
 echo "chain: $passes passed, $failures failed"
