@@ -142,7 +142,12 @@ boot() {
     done
     sleep 0.1
   done
-  in_ct systemctl is-system-running --wait >/dev/null || true
+  # Until systemd's bus answers (early on, systemctl cannot connect yet and
+  # prints nothing): then it waits for the boot to finish.
+  for _ in $(seq 100); do
+    [ -n "$(in_ct systemctl is-system-running --wait 2>/dev/null)" ] && break
+    sleep 0.1
+  done
 }
 in_ct() { nsenter -t "$LEADER" -a "$@"; }
 prop() { in_ct systemctl show -P "$2" "$1"; }
@@ -201,7 +206,7 @@ smoke() {
   say "the seed's smoke check, inside the container"
   in_ct grpcurl -plaintext virtufin-api:5002 virtufin.api.v1.Health/HealthCheck >/dev/null && pass "Health/HealthCheck" || fail "Health/HealthCheck"
   in_ct sh -c 'rm -f /tmp/sub.out; grpcurl -plaintext -d '"'"'{"topic":"websocketmanager.connectionstatus","subscriber":"test","group":"smoke"}'"'"' virtufin-api:5002 virtufin.api.v1.Pubsub/Subscribe >/tmp/sub.out 2>&1 & echo $! >/tmp/sub.pid'
-  wait_subscribed test
+  wait_subscribed test || fail "the api lists the smoke subscription"
   in_ct grpcurl -plaintext -d '{"topic":"websocketmanager.connectionstatus","data":"{\"connection_id\":\"smoke\",\"url\":\"ws://localhost\"}","metadata":{"ce-type":"com.virtufin.websocketmanager.connection.connected","ce-source":"urn:test","ce-id":"smoke-1"}}' virtufin-api:5002 virtufin.api.v1.Pubsub/PublishEvent >/dev/null &&
     pass "Pubsub/PublishEvent" || fail "Pubsub/PublishEvent"
   in_ct grpcurl -plaintext -d '{"topic":"websocketmanager.connectionstatus","subscriber":"test","group":"smoke"}' virtufin-api:5002 virtufin.api.v1.Pubsub/Unsubscribe >/dev/null &&
@@ -235,7 +240,7 @@ reboot_keeps_state() {
   worker_back() { in_ct virtufin workers list | grep "\"id\":\"$worker\"" | grep -q '"status":"running"'; }
   check "the workmanager's worker came back" worker_back
   in_ct sh -c 'virtufin subscribe chain-answers --subscriber chain-answers --count 1 >/tmp/answer.out 2>&1 & echo $! >/tmp/answer.pid'
-  wait_subscribed chain-answers
+  wait_subscribed chain-answers || fail "the api lists the subscription chain-answers"
   in_ct virtufin publish chain-jobs after-reboot >/dev/null
   for _ in $(seq 100); do in_ct sh -c 'kill -0 $(cat /tmp/answer.pid) 2>/dev/null' || break; sleep 0.1; done
   check "... and answers events" in_ct grep -q after-reboot /tmp/answer.out
