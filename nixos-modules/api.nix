@@ -49,7 +49,7 @@
     else "redis://${user}${valkeyAddress}";
   # HOST:PORT, IPv6 in brackets, as both the api and go-redis split it.
   isHostPort = a: let
-    m = builtins.match "([[][0-9A-Fa-f:.]+[]]|[^][:/@,[:space:]]+):([0-9]{1,5})" a;
+    m = builtins.match "([[][0-9A-Fa-f:.]+[]]|[A-Za-z0-9._-]+):([0-9]{1,5})" a;
   in
     m != null && lib.toInt (builtins.elemAt m 1) > 0 && lib.toInt (builtins.elemAt m 1) < 65536;
   # The credentials that carry Valkey's passwords (name -> file).
