@@ -319,7 +319,7 @@
   in
     # An external Valkey: none runs here.
     lib.optionals (runs "api" && external != null) (
-      same "no local Valkey (redis-virtufin.service) with valkey.external" null u
+      same "a local Valkey (redis-virtufin.service) with valkey.external" false (u != null)
       ++ same "the redis module's servers with valkey.external (none of the module's)" (case.redisServers or []) r.redisServers
     )
     ++ lib.optionals (runs "api" && u != null) (
