@@ -7,6 +7,14 @@
 # The secrets are files outside the store (sops-nix, agenix, …):
 # /run/secrets/valkey-password (the password) and
 # /run/secrets/valkey-masterauth.conf (one line: masterauth <the password>).
+#
+# Replication is started once by hand, on 10.0.0.2 and 10.0.0.3:
+#   valkey-cli -a "$(cat /run/secrets/valkey-password)" REPLICAOF 10.0.0.1 6379
+#   valkey-cli -a "$(cat /run/secrets/valkey-password)" CONFIG REWRITE
+# and from then on by Sentinel. Not with the redis module's slaveOf: it
+# would be in the config for good, and the primary Sentinel promoted
+# would come back from a restart as a replica of the old one (both
+# replicas, no primary, until Sentinel's next failover).
 self: {
   lib,
   pkgs,
@@ -49,10 +57,6 @@ in {
     port = 6379;
     appendOnly = true;
     requirePassFile = password;
-    slaveOf = lib.mkIf (self != primary) {
-      ip = primary;
-      port = 6379;
-    };
     settings = {
       replica-announce-ip = self;
       # masterauth from a file outside the store (every member may become
