@@ -34,18 +34,17 @@
   external = ext.address != null || sentinel;
   sentinelPassword = sentinel && ext.sentinelPasswordFile != null;
   user = lib.optionalString (external && ext.username != null) "${ext.username}@";
-  # host:port as daprd's redisHost takes it: with Sentinel the first one
-  # (components-contrib 1.17 gives go-redis redisHost as one Sentinel
-  # address; go-redis asks it for the others).
+  # daprd's redisHost: host:port, or with Sentinel all of them,
+  # comma-separated (components-contrib 1.17 splits the list for go-redis).
   valkeyAddress =
     if ext.address != null
     then ext.address
     else if sentinel
-    then builtins.head ext.sentinels
+    then lib.concatStringsSep "," ext.sentinels
     else "127.0.0.1:${toString cfg.valkey.port}";
   valkeyUrl =
     if sentinel
-    then "redis+sentinel://${user}${lib.concatStringsSep "," ext.sentinels}/${ext.primaryName}"
+    then "redis+sentinel://${user}${valkeyAddress}/${ext.primaryName}"
     else "redis://${user}${valkeyAddress}";
   # HOST:PORT, IPv6 in brackets, as both the api and go-redis split it.
   isHostPort = a: let

@@ -206,10 +206,8 @@ in {
             `VIRTUFIN_VALKEY_URL=redis+sentinel://[USER@]S1,S2,…/PRIMARY` and
             follows a failover by itself. With the `dapr` backend daprd's
             `statestore` and `pubsub` get `failover: "true"`,
-            `sentinelMasterName` and, as `redisHost`, the first Sentinel
-            only: components-contrib 1.17 hands `redisHost` to go-redis as a
-            single Sentinel address, and go-redis learns the others from it
-            once connected (list this host's own Sentinel first).
+            `sentinelMasterName` and the Sentinels, comma-separated, as
+            `redisHost`.
           '';
         };
 

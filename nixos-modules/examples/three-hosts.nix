@@ -41,7 +41,7 @@ in {
     enable = true;
     valkey = {
       passwordFile = password;
-      # This host's Sentinel first (daprd's components use the first one).
+      # All three Sentinels, this host's first.
       external.sentinels = map (h: "${h}:26379") ([self] ++ lib.remove self hosts);
       external.primaryName = "virtufin";
       # An acknowledged write or event is on at least one replica.

@@ -462,7 +462,7 @@ in
       backend = "dapr";
       external = {
         url = null;
-        redisHost = "10.0.0.2:26379";
+        redisHost = "10.0.0.2:26379,10.0.0.1:26379,10.0.0.3:26379";
         meta = {
           failover = "true";
           sentinelMasterName = "store-a";
