@@ -607,6 +607,11 @@ in
       storeConf = lines (named "redis.conf" (named "redis-virtufin-store-prep-conf" (entry store "ExecStartPre")));
     in [
       {
+        what = "README.md shows nixos-modules/examples/three-hosts.nix verbatim";
+        expected = true;
+        found = lib.hasInfix "```nix\n${builtins.readFile (repo + "/nixos-modules/examples/three-hosts.nix")}```" (builtins.readFile (repo + "/README.md"));
+      }
+      {
         what = "the Sentinel's ExecStart= (a config it can rewrite)";
         expected = true;
         found = lib.hasSuffix "-valkey/bin/valkey-server /var/lib/valkey-sentinel/sentinel.conf --sentinel" (toString (entry sentinel "ExecStart"));
