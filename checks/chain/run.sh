@@ -287,7 +287,7 @@ check "audit lines in the journal name the websocketmanager as caller ($audit)" 
 # --- reload without restart (Type=notify-reload) -------------------------
 # systemd 257 copies a LoadCredential= file only when the service starts
 # (a reload does not refresh it), so keys that change live come from
-# API_KEYS_FILE: here a file in the api's own state directory, owned by its
+# VIRTUFIN_API_KEYS_FILE: here a file in the api's own state directory, owned by its
 # DynamicUser and readable by nobody else.
 reload_keys_file=/var/lib/private/virtufin/api/api-keys.yaml
 reload_write_keys() { # $1: extra YAML lines under keys:
@@ -298,9 +298,9 @@ reload_checks() {
   say "reload without restart (Type=notify-reload)"
   check "virtufin-api is Type=notify-reload" test "$(prop virtufin-api Type)" = notify-reload
   reload_write_keys ""
-  in_ct sh -c 'printf "[Service]\nEnvironment=API_KEYS_FILE=/var/lib/virtufin/api/api-keys.yaml\n" >/etc/systemd/system/virtufin-api.service.d/reload.conf; systemctl daemon-reload'
+  in_ct sh -c 'printf "[Service]\nEnvironment=VIRTUFIN_API_KEYS_FILE=/var/lib/virtufin/api/api-keys.yaml\n" >/etc/systemd/system/virtufin-api.service.d/reload.conf; systemctl daemon-reload'
   in_ct systemctl restart virtufin-api
-  check "the api is active with its keys from API_KEYS_FILE" wait_active virtufin-api
+  check "the api is active with its keys from VIRTUFIN_API_KEYS_FILE" wait_active virtufin-api
   local pid new_key=chain-reload-key-0123456789
   pid=$(prop virtufin-api MainPID)
   refused_before=$(in_ct virtufin --api-key $new_key state get chain acknowledged 2>&1 || true)
