@@ -57,7 +57,9 @@ async fn socket_activated_api_uses_the_passed_sockets_and_accepts_only_once_read
         .arg("-E")
         .arg(format!("VIRTUFIN_GRPC_PORT={decoy_grpc}"))
         .arg("-E")
-        .arg(format!("VIRTUFIN_VALKEY_URL=redis://127.0.0.1:{valkey_port}"))
+        .arg(format!(
+            "VIRTUFIN_VALKEY_URL=redis://127.0.0.1:{valkey_port}"
+        ))
         .arg(BIN)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -109,7 +111,9 @@ async fn socket_activated_api_uses_the_passed_sockets_and_accepts_only_once_read
         .expect("the waiting request was not answered once ready")
         .unwrap();
     assert_eq!(code, Ok(200));
-    let api = ApiClient::connect(&format!("127.0.0.1:{grpc}")).await.unwrap();
+    let api = ApiClient::connect(&format!("127.0.0.1:{grpc}"))
+        .await
+        .unwrap();
     assert!(api.handshake().await.is_ok());
     child.kill().await.unwrap();
 }
@@ -212,7 +216,10 @@ async fn sighup_reloads_keys_services_and_log_filter_and_keeps_them_when_bad() {
         .spawn()
         .unwrap();
     notify.wait_for("READY=1", Duration::from_secs(20)).await;
-    assert_eq!(get_with(grpc, Some(K2)).await, Err(tonic::Code::Unauthenticated));
+    assert_eq!(
+        get_with(grpc, Some(K2)).await,
+        Err(tonic::Code::Unauthenticated)
+    );
     assert_eq!(services(grpc).await, ["alpha"]);
 
     // Good new files: all in force after the reload, same process.
@@ -252,7 +259,10 @@ async fn sighup_reloads_keys_services_and_log_filter_and_keeps_them_when_bad() {
         status.contains("reload refused") && status.contains("API keys"),
         "{status}"
     );
-    assert_eq!(get_with(grpc, None).await, Err(tonic::Code::Unauthenticated));
+    assert_eq!(
+        get_with(grpc, None).await,
+        Err(tonic::Code::Unauthenticated)
+    );
     assert!(child.try_wait().unwrap().is_none(), "the api stayed up");
     child.kill().await.unwrap();
 }

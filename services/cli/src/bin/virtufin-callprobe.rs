@@ -28,7 +28,10 @@ use virtufin_proto::api::v1::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "virtufin-callprobe", about = "Calls the api continuously and counts how each call ended")]
+#[command(
+    name = "virtufin-callprobe",
+    about = "Calls the api continuously and counts how each call ended"
+)]
 struct Args {
     /// The api's gRPC address.
     #[arg(long, default_value = "127.0.0.1:5002")]
@@ -200,7 +203,11 @@ async fn http_round(args: &Args) -> Outcome {
         return failed(&e);
     }
     let text = String::from_utf8_lossy(&buf);
-    match text.lines().next().and_then(|l| l.split_whitespace().nth(1)) {
+    match text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+    {
         Some(code) if text.starts_with("HTTP/") => Outcome::Answered(code.to_owned()),
         _ => Outcome::Transport(format!(
             "the connection closed without an HTTP response ({} bytes)",
@@ -245,7 +252,10 @@ async fn main() -> anyhow::Result<()> {
                 let (h, g) = match tokio::time::timeout(args.call_timeout, grpc_round(&args)).await
                 {
                     Ok(r) => r,
-                    Err(_) => (Outcome::Timeout("no answer within the call timeout".into()), None),
+                    Err(_) => (
+                        Outcome::Timeout("no answer within the call timeout".into()),
+                        None,
+                    ),
                 };
                 let took = t0.elapsed();
                 shared.record("grpc HealthCheck", &h, took);
