@@ -310,6 +310,8 @@ in {
       inherit (checks) warnings;
 
       systemd.packages = [cfg.package];
+      # Socket activation: the listeners, at the module's address and ports.
+      systemd.sockets = vlib.socketUnits "virtufin-api" svc;
 
       services.virtufin.api.settings = lib.mapAttrs (_: mkDefault) ({
           ASPNETCORE_URLS = "http://${vlib.urlHost svc.listenAddress}:${toString svc.httpPort}";

@@ -162,7 +162,7 @@
 
   # --- units ---------------------------------------------------------------
   ourUnits =
-    map (s: "virtufin-${s}.service") services
+    lib.concatMap (s: ["virtufin-${s}.service" "virtufin-${s}-http.socket" "virtufin-${s}-grpc.socket"]) services
     ++ lib.optionals (runs "api") (lib.optional (external == null) "redis-virtufin.service" ++ lib.optional (backend == "dapr") "virtufin-daprd.service");
 
   # What a drop-in may carry (README, "NixOS"): the environment (NixOS
@@ -174,6 +174,31 @@
   allowedDropin = s:
     ["Service.Environment" "Service.EnvironmentFile" "Service.LoadCredential" "Install.WantedBy"]
     ++ lib.optionals (s == "api") ["Unit.Requires" "Unit.Wants" "Unit.After"];
+
+  # Socket activation: the packaged socket units (FileDescriptorName=,
+  # Service=) under a drop-in that sets ListenStream= from the options and
+  # enables them.
+  socketChecks = s:
+    lib.concatMap (kind: let
+      name = "virtufin-${s}-${kind}.socket";
+      u = unit name;
+      d = parse u.text;
+      p = parse u.packaged;
+      port =
+        if kind == "http"
+        then http s
+        else grpc s;
+    in
+      if u == null
+      then [
+        "${case.name}: ${name}: expected a socket unit, found none"
+      ]
+      else
+        same "${name} is a drop-in over the packaged unit" true (u.dropin && u.packaged != null)
+        ++ same "${name} drop-in: ListenStream= (reset, then the options' address and port)" ["" "${bracket (listen s)}:${toString port}"] (values d "Socket" "ListenStream")
+        ++ same "${name} drop-in: WantedBy=" ["sockets.target"] (words d "Install" "WantedBy")
+        ++ same "${name} packaged: FileDescriptorName=" kind (value p "Socket" "FileDescriptorName")
+        ++ same "${name} packaged: Service=" "virtufin-${s}.service" (value p "Socket" "Service")) ["http" "grpc"];
 
   serviceChecks = s: let
     name = "virtufin-${s}.service";
@@ -229,7 +254,14 @@
       ++ sameSet "${name} EnvironmentFile=" (lib.toList ((case.environmentFile or {}).${s} or [])) (values d "Service" "EnvironmentFile")
       ++ sameSet "${name} LoadCredential=" ((case.credentials or {}).${s} or []) (values d "Service" "LoadCredential")
       # The packaged unit: kept as the one definition.
-      ++ same "${name} packaged: Type=" "notify" (value p "Service" "Type")
+      ++ same "${name} packaged: Type=" "notify-reload" (value p "Service" "Type")
+      ++ same "${name} packaged: Sockets=" ["virtufin-${s}-http.socket" "virtufin-${s}-grpc.socket"] (words p "Service" "Sockets")
+      ++ check {
+        what = "${name} packaged: Requires= its socket units";
+        expected = ["virtufin-${s}-http.socket" "virtufin-${s}-grpc.socket"];
+        found = words p "Unit" "Requires";
+        ok = lib.all (x: elem x (words p "Unit" "Requires")) ["virtufin-${s}-http.socket" "virtufin-${s}-grpc.socket"];
+      }
       ++ same "${name} packaged: NotifyAccess=" "main" (value p "Service" "NotifyAccess")
       ++ same "${name} packaged: WatchdogSec=" "30s" (value p "Service" "WatchdogSec")
       ++ same "${name} packaged: Restart=" "on-failure" (value p "Service" "Restart")
@@ -522,6 +554,7 @@ in
     sameSet "the host's units" ourUnits (builtins.attrNames r.units)
     ++ sameSet "open TCP ports (networking.firewall.allowedTCPPorts)" (case.firewall or []) r.firewall.tcp
     ++ lib.concatMap serviceChecks services
+    ++ lib.concatMap socketChecks services
     ++ valkeyChecks
     ++ daprChecks
     ++ secretChecks

@@ -442,8 +442,13 @@ impl Shared {
         }
     }
 
-    /// Re-establishes this instance's connections; returns how many.
-    pub async fn restore(self: &Arc<Self>) -> Result<usize, ApiError> {
+    /// Re-establishes this instance's connections; returns how many. Each
+    /// connection's first attempt done is a `progress` step (a restore of
+    /// many connections extends systemd's start timeout as it goes).
+    pub async fn restore(
+        self: &Arc<Self>,
+        progress: &virtufin_common::notify::StartupProgress,
+    ) -> Result<usize, ApiError> {
         let mine: Vec<Record> = self
             .records()
             .await?
@@ -452,14 +457,17 @@ impl Shared {
             .filter(|r| r.instance_id == self.instance && r.status != Status::Disconnected.as_str())
             .filter(|r| self.local(&r.id).is_none())
             .collect();
+        let total = mine.len();
+        progress.step(&format!("restoring {total} connection(s)"));
         let mut waits = Vec::new();
         for rec in &mine {
             let (tx, rx) = oneshot::channel();
             self.spawn(rec, Some(tx), None);
             waits.push(rx);
         }
-        for w in waits {
+        for (i, w) in waits.into_iter().enumerate() {
             let _ = w.await;
+            progress.step(&format!("restoring connections: {}/{total}", i + 1));
         }
         if !mine.is_empty() {
             tracing::info!(count = mine.len(), "connections restored");

@@ -679,14 +679,34 @@ impl Shared {
     /// Restores and restarts the workers this instance owned, holding the
     /// recovery lease so that one instance recovers at a time.
     pub async fn recover(self: &Arc<Self>) -> Result<usize, ApiError> {
+        self.recover_with(&virtufin_common::notify::StartupProgress::none())
+            .await
+    }
+
+    /// [`Self::recover`], each worker started (and each wait for another
+    /// instance's lease) a `progress` step: a recovery of many workers
+    /// extends systemd's start timeout as it goes.
+    pub async fn recover_with(
+        self: &Arc<Self>,
+        progress: &virtufin_common::notify::StartupProgress,
+    ) -> Result<usize, ApiError> {
         let by = Origin::internal("recovery");
-        let lease_etag = self.acquire_lease().await?;
+        let lease_etag = self.acquire_lease(progress).await?;
         let result = async {
             let mut n = 0;
-            for rec in self.list().await? {
-                if rec.runs_on(&self.instance) && !self.running.lock().await.contains_key(&rec.id) {
+            let mine: Vec<_> = self
+                .list()
+                .await?
+                .into_iter()
+                .filter(|rec| rec.runs_on(&self.instance))
+                .collect();
+            let total = mine.len();
+            progress.step(&format!("recovering {total} worker(s)"));
+            for rec in mine {
+                if !self.running.lock().await.contains_key(&rec.id) {
                     self.start(&rec.id, &by).await?;
                     n += 1;
+                    progress.step(&format!("recovering workers: {n}/{total} started"));
                 }
             }
             Ok::<_, ApiError>(n)
@@ -699,7 +719,10 @@ impl Shared {
         result
     }
 
-    async fn acquire_lease(&self) -> Result<String, ApiError> {
+    async fn acquire_lease(
+        &self,
+        progress: &virtufin_common::notify::StartupProgress,
+    ) -> Result<String, ApiError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let lease = Lease {
@@ -735,6 +758,9 @@ impl Shared {
                     "another instance holds the recovery lease",
                 ));
             }
+            // Waiting for another instance's recovery is bounded by the
+            // deadline above, so it may extend the start.
+            progress.step("recovery: waiting for another instance's recovery lease");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
