@@ -7,8 +7,9 @@
 # `systemd.services.virtufin-api` becomes the drop-in
 # `virtufin-api.service.d/overrides.conf` (NixOS does that when a package
 # already provides the unit): the environment, EnvironmentFile=, the
-# credentials (Valkey's password among them), the store it requires, and
-# wantedBy (NixOS ignores [Install] sections).
+# credentials (Valkey's passwords among them), the store it requires (or,
+# with an external Valkey, the network it waits for), and wantedBy (NixOS
+# ignores [Install] sections).
 {
   config,
   lib,
@@ -23,8 +24,37 @@
 
   valkeyUnit = "redis-virtufin.service";
   daprUnit = "virtufin-daprd.service";
-  valkeyAddress = "127.0.0.1:${toString cfg.valkey.port}";
+  online = "network-online.target";
   password = cfg.valkey.passwordFile != null;
+
+  # --- which Valkey: the local one, or valkey.external ---------------------
+  ext = cfg.valkey.external;
+  sentinel = ext.sentinels != [];
+  # No local Valkey then: the api and daprd reach it over the network.
+  external = ext.address != null || sentinel;
+  sentinelPassword = sentinel && ext.sentinelPasswordFile != null;
+  user = lib.optionalString (external && ext.username != null) "${ext.username}@";
+  # daprd's redisHost: host:port, or with Sentinel all of them,
+  # comma-separated (components-contrib 1.17 splits the list for go-redis).
+  valkeyAddress =
+    if ext.address != null
+    then ext.address
+    else if sentinel
+    then lib.concatStringsSep "," ext.sentinels
+    else "127.0.0.1:${toString cfg.valkey.port}";
+  valkeyUrl =
+    if sentinel
+    then "redis+sentinel://${user}${valkeyAddress}/${ext.primaryName}"
+    else "redis://${user}${valkeyAddress}";
+  # HOST:PORT, IPv6 in brackets, as both the api and go-redis split it.
+  isHostPort = a: let
+    m = builtins.match "([[][0-9A-Fa-f:.]+[]]|[A-Za-z0-9._-]+):([0-9]{1,5})" a;
+  in
+    m != null && lib.toInt (builtins.elemAt m 1) > 0 && lib.toInt (builtins.elemAt m 1) < 65536;
+  # The credentials that carry Valkey's passwords (name -> file).
+  valkeyCredentials =
+    optionalAttrs password {valkey-password = toString cfg.valkey.passwordFile;}
+    // optionalAttrs sentinelPassword {valkey-sentinel-password = toString ext.sentinelPasswordFile;};
   runs = name: cfg.enable && cfg.${name}.enable && cfg.${name}.imported;
 
   # --- daprd's components (the seed's layout, on the local Valkey) ---------
@@ -36,15 +66,34 @@
   # systemd puts LoadCredential= files here ($CREDENTIALS_DIRECTORY).
   secretsPath = "/run/credentials/${daprUnit}/secrets.json";
   valkeySecretsPath = "/run/virtufin-daprd/valkey-secrets.json";
-  passwordMetadata = [
-    {
-      name = "redisPassword";
-      secretKeyRef = {
-        name = "valkey-password";
-        key = "valkey-password";
-      };
-    }
-  ];
+  secretRef = name: credential: {
+    inherit name;
+    secretKeyRef = {
+      name = credential;
+      key = credential;
+    };
+  };
+  # What the two Valkey components take beyond the resource files: the
+  # Sentinel settings and ACL user of an external Valkey (plain values),
+  # and the passwords (from the secret store virtufin-valkey).
+  connectionMetadata =
+    optionals sentinel [
+      {
+        name = "failover";
+        value = "true";
+      }
+      {
+        name = "sentinelMasterName";
+        value = ext.primaryName;
+      }
+    ]
+    ++ optional (user != "") {
+      name = "redisUsername";
+      value = ext.username;
+    };
+  passwordMetadata =
+    optional password (secretRef "redisPassword" "valkey-password")
+    ++ optional sentinelPassword (secretRef "sentinelPassword" "valkey-sentinel-password");
   secretStore = name: path: {
     apiVersion = "dapr.io/v1alpha1";
     kind = "Component";
@@ -61,27 +110,26 @@
     };
   };
   # The resource files are the repository's packaging/dapr/resources (the
-  # tests run daprd with the same ones), placeholders filled in here; with a
-  # password the two Valkey components also take it from virtufin-valkey.
+  # tests run daprd with the same ones), placeholders filled in here; the
+  # two Valkey components also get connectionMetadata, and with a password
+  # they take it from virtufin-valkey.
   resourceFile = name:
     builtins.fromJSON (builtins.replaceStrings
       ["@VALKEY_HOST@" "@SECRETS_FILE@" "@PROCESSING_TIMEOUT@" "@REDELIVER_INTERVAL@"]
       [valkeyAddress secretsPath "60s" "15s"]
       (builtins.readFile (../packaging/dapr/resources + "/${name}.json")));
-  withPassword = resource:
+  valkeyComponent = resource:
     resource
-    // optionalAttrs password {
-      spec = resource.spec // {metadata = resource.spec.metadata ++ passwordMetadata;};
-      auth.secretStore = valkeyStoreName;
-    };
+    // {spec = resource.spec // {metadata = resource.spec.metadata ++ connectionMetadata ++ passwordMetadata;};}
+    // optionalAttrs (passwordMetadata != []) {auth.secretStore = valkeyStoreName;};
   components =
     {
-      "statestore.yaml" = withPassword (resourceFile "statestore");
-      "pubsub.yaml" = withPassword (resourceFile "pubsub");
+      "statestore.yaml" = valkeyComponent (resourceFile "statestore");
+      "pubsub.yaml" = valkeyComponent (resourceFile "pubsub");
       "secretstore.yaml" = resourceFile "secretstore";
       "resiliency.yaml" = resourceFile "resiliency";
     }
-    // optionalAttrs password {
+    // optionalAttrs (valkeyCredentials != {}) {
       "valkey-secretstore.yaml" = secretStore valkeyStoreName valkeySecretsPath;
     };
   resourcesDir = pkgs.linkFarm "virtufin-dapr-resources" (lib.mapAttrs yaml.generate components);
@@ -104,12 +152,13 @@
   # No secrets configured: an empty store, so the component still loads.
   emptySecrets = pkgs.writeText "virtufin-dapr-secrets.json" "{}";
 
-  # Valkey's password, from the credential, as the JSON file of the secret
-  # store virtufin-valkey; trimmed as Valkey reads it (requirePassFile is
-  # spliced into a config line).
+  # Valkey's passwords, from the credentials, as the JSON file of the
+  # secret store virtufin-valkey (one key per credential); trimmed as
+  # Valkey reads them (requirePassFile is spliced into a config line).
+  secretNames = builtins.attrNames valkeyCredentials;
   daprdValkeySecrets = pkgs.writeShellScript "virtufin-daprd-valkey-secrets" ''
-    ${pkgs.jq}/bin/jq -n --rawfile pw "$CREDENTIALS_DIRECTORY/valkey-password" \
-      '{"valkey-password": ($pw | sub("^\\s+"; "") | sub("\\s+$"; ""))}' \
+    ${pkgs.jq}/bin/jq -n ${lib.concatImapStringsSep " " (i: n: ''--rawfile s${toString i} "$CREDENTIALS_DIRECTORY/${n}"'') secretNames} \
+      '{${lib.concatImapStringsSep ", " (i: n: ''"${n}": ($s${toString i} | sub("^\\s+"; "") | sub("\\s+$"; ""))'') secretNames}}' \
       > ${valkeySecretsPath}
   '';
 
@@ -149,11 +198,11 @@
     ]
     ++ dapr.extraArgs;
 
-  # (The credential valkey-password set from valkey.passwordFile is
-  # checked as that option.)
+  # (The credentials set from valkey.passwordFile and
+  # valkey.external.sentinelPasswordFile are checked as those options.)
   checks = vlib.serviceChecks "services.virtufin.api" "virtufin-api" (svc
     // {
-      credentials = removeAttrs svc.credentials (optional (password && cfg.backend == "valkey") "valkey-password");
+      credentials = removeAttrs svc.credentials (optionals (cfg.backend == "valkey") secretNames);
     });
 in {
   imports = [./common.nix];
@@ -166,6 +215,55 @@ in {
         checks.assertions
         ++ [
           (vlib.notInStore "services.virtufin.valkey.passwordFile" cfg.valkey.passwordFile)
+          (vlib.notInStore "services.virtufin.valkey.external.sentinelPasswordFile" ext.sentinelPasswordFile)
+          {
+            assertion = !(ext.address != null && sentinel);
+            message = ''
+              services.virtufin.valkey.external.address and
+              services.virtufin.valkey.external.sentinels are both set: the api
+              reaches one Valkey either directly or through Sentinels. Keep one
+              (with Sentinel, the address of the primary is what they answer).
+            '';
+          }
+          {
+            assertion = lib.all isHostPort (optional (ext.address != null) ext.address ++ ext.sentinels);
+            message = ''
+              services.virtufin.valkey.external: ${builtins.toJSON (lib.filter (a: !isHostPort a) (optional (ext.address != null) ext.address ++ ext.sentinels))}
+              is not HOST:PORT. Give each as "valkey.example:6379", "10.0.0.1:26379"
+              or "[2001:db8::1]:26379" (a port is required: 6379 for Valkey,
+              26379 for a Sentinel by convention).
+            '';
+          }
+          {
+            assertion = builtins.match "[^/,@[:space:]]+" ext.primaryName != null;
+            message = ''
+              services.virtufin.valkey.external.primaryName = "${ext.primaryName}" is not
+              a Sentinel primary name (non-empty; no "/", ",", "@" or spaces).
+            '';
+          }
+          {
+            assertion = ext.username == null || (external && builtins.match "[^:/@,[:space:]]+" ext.username != null);
+            message = ''
+              services.virtufin.valkey.external.username = "${toString ext.username}" needs
+              services.virtufin.valkey.external.address or .sentinels (the local Valkey
+              has no ACL users), and may not contain ":", "/", "@", "," or spaces.
+            '';
+          }
+          {
+            assertion = ext.sentinelPasswordFile == null || sentinel;
+            message = ''
+              services.virtufin.valkey.external.sentinelPasswordFile is set but
+              services.virtufin.valkey.external.sentinels is empty: nothing would read it.
+            '';
+          }
+          {
+            assertion = cfg.valkey.minReplicas == 0 || cfg.backend == "valkey";
+            message = ''
+              services.virtufin.valkey.minReplicas = ${toString cfg.valkey.minReplicas} needs backend = "valkey":
+              with backend = "dapr" daprd's components write, and they never WAIT
+              for replicas, so nothing could confirm it.
+            '';
+          }
           (vlib.notInStore "services.virtufin.dapr.secretsFile" dapr.secretsFile)
           {
             # A password in the URL would be in the world-readable store.
@@ -185,6 +283,13 @@ in {
               value = cfg.backend;
             }
           ]
+          # With an external Valkey daprd's components follow the options
+          # too: the api may not be pointed elsewhere.
+          ++ optional (external && cfg.backend == "valkey") {
+            name = "VIRTUFIN_VALKEY_URL";
+            option = "services.virtufin.valkey.external";
+            value = valkeyUrl;
+          }
           ++ optionals (cfg.backend == "dapr") [
             {
               name = "DAPR_HOST";
@@ -205,6 +310,8 @@ in {
       inherit (checks) warnings;
 
       systemd.packages = [cfg.package];
+      # Socket activation: the listeners, at the module's address and ports.
+      systemd.sockets = vlib.socketUnits "virtufin-api" svc;
 
       services.virtufin.api.settings = lib.mapAttrs (_: mkDefault) ({
           ASPNETCORE_URLS = "http://${vlib.urlHost svc.listenAddress}:${toString svc.httpPort}";
@@ -215,7 +322,11 @@ in {
           RUST_LOG = "info";
         }
         // optionalAttrs (cfg.backend == "valkey") {
-          VIRTUFIN_VALKEY_URL = "redis://${valkeyAddress}";
+          VIRTUFIN_VALKEY_URL = valkeyUrl;
+        }
+        // optionalAttrs (cfg.backend == "valkey" && cfg.valkey.minReplicas > 0) {
+          VIRTUFIN_VALKEY_MIN_REPLICAS = cfg.valkey.minReplicas;
+          VIRTUFIN_VALKEY_WAIT_TIMEOUT = cfg.valkey.waitTimeout;
         }
         // optionalAttrs (cfg.backend == "dapr") {
           DAPR_HOST = "127.0.0.1";
@@ -223,26 +334,34 @@ in {
           DAPR_HTTP_PORT = dapr.httpPort;
         });
 
-      # With the valkey backend the api reads Valkey's password from this
-      # credential when it finds no VIRTUFIN_VALKEY_PASSWORD_FILE.
-      services.virtufin.api.credentials = mkIf (password && cfg.backend == "valkey") {
-        valkey-password = toString cfg.valkey.passwordFile;
-      };
+      # With the valkey backend the api reads Valkey's passwords from these
+      # credentials (valkey-password, valkey-sentinel-password) when it
+      # finds no VIRTUFIN_VALKEY_PASSWORD_FILE / _SENTINEL_PASSWORD_FILE.
+      services.virtufin.api.credentials = mkIf (cfg.backend == "valkey") valkeyCredentials;
 
       # The same binding as the Debian package's postinst drop-in
       # (Requires=/After= the store), plus daprd with the dapr backend.
       # The api also gates its own READY=1 on daprd's /v1.0/healthz and a
       # state and pub/sub round trip, so After= is ordering, not readiness.
+      # An external Valkey is no unit here: the api waits for the network
+      # (Wants=, not Requires=: it retries, and says so in STATUS=).
       systemd.services.virtufin-api = {
         wantedBy = ["multi-user.target"];
-        requires = [
-          (
-            if cfg.backend == "dapr"
-            then daprUnit
-            else valkeyUnit
-          )
-        ];
-        after = [valkeyUnit] ++ optional (cfg.backend == "dapr") daprUnit;
+        requires =
+          if cfg.backend == "dapr"
+          then [daprUnit]
+          else optional (!external) valkeyUnit;
+        wants = optional (external && cfg.backend == "valkey") online;
+        after =
+          if cfg.backend == "dapr"
+          then optional (!external) valkeyUnit ++ [daprUnit]
+          else [
+            (
+              if external
+              then online
+              else valkeyUnit
+            )
+          ];
         environment = vlib.toEnvironment svc.settings;
         serviceConfig = {
           EnvironmentFile = optional (svc.environmentFile != null) (toString svc.environmentFile);
@@ -250,6 +369,10 @@ in {
         };
       };
 
+      networking.firewall.allowedTCPPorts = optionals svc.openFirewall [svc.httpPort svc.grpcPort];
+    })
+
+    (mkIf (cfg.enable && svc.enable && !external) {
       # Valkey with the append-only file: an acknowledged write survives a
       # restart of Valkey and a reboot.
       services.redis.package = mkDefault pkgs.valkey;
@@ -263,8 +386,6 @@ in {
           then toString cfg.valkey.passwordFile
           else null;
       };
-
-      networking.firewall.allowedTCPPorts = optionals svc.openFirewall [svc.httpPort svc.grpcPort];
     })
 
     (mkIf (cfg.enable && svc.enable && cfg.backend == "dapr") {
@@ -272,8 +393,16 @@ in {
         description = "Dapr sidecar of virtufin-api (app-id virtufin-api)";
         documentation = ["https://docs.dapr.io/reference/arguments-annotations-overview/"];
         wantedBy = ["multi-user.target"];
-        requires = [valkeyUnit];
-        after = ["network.target" valkeyUnit];
+        requires = optional (!external) valkeyUnit;
+        wants = optional external online;
+        after = [
+          "network.target"
+          (
+            if external
+            then online
+            else valkeyUnit
+          )
+        ];
         before = ["virtufin-api.service"];
         environment = {
           HOME = "/run/virtufin-daprd";
@@ -286,7 +415,7 @@ in {
         serviceConfig = {
           Type = "exec";
           ExecStart = lib.concatStringsSep " " daprdArgs;
-          ExecStartPre = optional password daprdValkeySecrets;
+          ExecStartPre = optional (secretNames != []) daprdValkeySecrets;
           ExecStartPost = daprdHealthy;
           Restart = "on-failure";
           # Straight back to activating (systemd >= 254): a crash of daprd
@@ -304,7 +433,7 @@ in {
                 else emptySecrets
               }"
             ]
-            ++ optional password "valkey-password:${toString cfg.valkey.passwordFile}";
+            ++ lib.mapAttrsToList (name: path: "${name}:${path}") valkeyCredentials;
           DynamicUser = true;
           RuntimeDirectory = "virtufin-daprd";
           UMask = "0077";

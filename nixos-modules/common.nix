@@ -139,8 +139,9 @@ in {
       ];
       default = "valkey";
       description = ''
-        Where the api keeps state and events. `valkey`: directly in the
-        local Valkey (`services.redis.servers.virtufin`). `dapr`: through a
+        Where the api keeps state and events. `valkey`: directly in
+        Valkey — the local one (`services.redis.servers.virtufin`) or
+        {option}`services.virtufin.valkey.external`. `dapr`: through a
         Dapr sidecar (`virtufin-daprd.service`, app-id `virtufin-api`)
         whose `statestore` (state.redis) and `pubsub` (pubsub.redis)
         components use that same Valkey. The layout in Valkey is the same
@@ -160,16 +161,113 @@ in {
         default = null;
         example = "/run/secrets/valkey-password";
         description = ''
-          File holding Valkey's password (`requirepass`, through
-          {option}`services.redis.servers.virtufin.requirePassFile`): one
-          line, no spaces or quotes. Give it as a string outside the Nix
-          store. It reaches the client as a systemd credential
+          File holding Valkey's password: one line, no spaces or quotes.
+          Give it as a string outside the Nix store. For the local Valkey
+          it is also its `requirepass` (through
+          {option}`services.redis.servers.virtufin.requirePassFile`); with
+          {option}`services.virtufin.valkey.external` it is the password of
+          that Valkey (of its primary and replicas with Sentinel). It
+          reaches the client as a systemd credential
           (`LoadCredential=valkey-password:PATH`), never through the store:
           with the `valkey` backend the api reads it
           (`$CREDENTIALS_DIRECTORY/valkey-password`); with the `dapr`
           backend daprd's `statestore` and `pubsub` components read it
           from the secret store `virtufin-valkey`, a file the unit writes
           from the credential into its runtime directory at start.
+        '';
+      };
+
+      external = {
+        address = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "valkey.internal.example:6379";
+          description = ''
+            `HOST:PORT` of one Valkey run elsewhere (IPv6 in brackets), used
+            instead of the local one: the module then runs no
+            `services.redis.servers.virtufin`, and the api (and daprd) wait
+            for `network-online.target` instead of requiring
+            `redis-virtufin.service`. The api's `VIRTUFIN_VALKEY_URL` becomes
+            `redis://[USER@]HOST:PORT`; daprd's components get it as
+            `redisHost`. Not together with
+            {option}`services.virtufin.valkey.external.sentinels`.
+          '';
+        };
+
+        sentinels = mkOption {
+          type = types.listOf types.str;
+          default = [];
+          example = ["10.0.0.1:26379" "10.0.0.2:26379" "10.0.0.3:26379"];
+          description = ''
+            `HOST:PORT` of the Valkey Sentinels that watch the primary
+            {option}`services.virtufin.valkey.external.primaryName` (IPv6 in
+            brackets); non-empty means Valkey is found through them and the
+            local one is not run. The api gets
+            `VIRTUFIN_VALKEY_URL=redis+sentinel://[USER@]S1,S2,…/PRIMARY` and
+            follows a failover by itself. With the `dapr` backend daprd's
+            `statestore` and `pubsub` get `failover: "true"`,
+            `sentinelMasterName` and the Sentinels, comma-separated, as
+            `redisHost`.
+          '';
+        };
+
+        primaryName = mkOption {
+          type = types.str;
+          default = "virtufin";
+          description = ''
+            The name the Sentinels know the primary by (`sentinel monitor
+            NAME …`).
+          '';
+        };
+
+        username = mkOption {
+          type = types.nullOr types.str;
+          default = null;
+          example = "virtufin";
+          description = ''
+            ACL user of the external Valkey (the password is
+            {option}`services.virtufin.valkey.passwordFile`): in the api's URL
+            (`USER@`), and daprd's `redisUsername`. Not a secret.
+          '';
+        };
+
+        sentinelPasswordFile = mkOption {
+          type = types.nullOr types.path;
+          default = null;
+          example = "/run/secrets/valkey-sentinel-password";
+          description = ''
+            File holding the Sentinels' own password (their `requirepass`),
+            when they have one; a string path outside the Nix store. Handed
+            over like {option}`services.virtufin.valkey.passwordFile`: the
+            api's credential `valkey-sentinel-password` (read by default),
+            or daprd's, whose components take it as `sentinelPassword` from
+            the secret store `virtufin-valkey`.
+          '';
+        };
+      };
+
+      minReplicas = mkOption {
+        type = types.ints.unsigned;
+        default = 0;
+        example = 1;
+        description = ''
+          `VIRTUFIN_VALKEY_MIN_REPLICAS` of the api (`valkey` backend): a
+          state write or a publish is confirmed only once this many replicas
+          have it (Valkey's `WAIT`), else the caller gets UNAVAILABLE. 0
+          confirms once the primary has it (Dapr's behaviour). The `dapr`
+          backend cannot do this (daprd's components do not `WAIT`): an
+          assertion refuses it there.
+        '';
+      };
+
+      waitTimeout = mkOption {
+        type = types.str;
+        default = "1s";
+        example = "500ms";
+        description = ''
+          `VIRTUFIN_VALKEY_WAIT_TIMEOUT`: how long the api waits for
+          {option}`services.virtufin.valkey.minReplicas` replicas before
+          answering UNAVAILABLE (set only when minReplicas is above 0).
         '';
       };
     };

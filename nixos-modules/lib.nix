@@ -51,6 +51,22 @@
       else lib.toInt (builtins.head m))
     (lib.filter (u: u != "") (map lib.trim (lib.splitString ";" (builtins.replaceStrings [","] [";"] urls))));
 
+  # The service's two socket units (shipped by the package beside the
+  # service, FileDescriptorName=http / grpc): the drop-in NixOS writes
+  # replaces their ListenStream= (the empty one resets the packaged
+  # address) with the module's address and ports, and wantedBy enables
+  # them (NixOS ignores [Install]).
+  socketUnits = unit: svc: {
+    "${unit}-http" = {
+      wantedBy = ["sockets.target"];
+      listenStreams = ["" "${urlHost svc.listenAddress}:${toString svc.httpPort}"];
+    };
+    "${unit}-grpc" = {
+      wantedBy = ["sockets.target"];
+      listenStreams = ["" "${urlHost svc.listenAddress}:${toString svc.grpcPort}"];
+    };
+  };
+
   show = value:
     if value == null
     then "null"

@@ -25,6 +25,8 @@ in {
       warnings = checks.warnings ++ clientChecks.warnings;
 
       systemd.packages = [cfg.package];
+      # Socket activation: the listeners, at the module's address and ports.
+      systemd.sockets = vlib.socketUnits "virtufin-websocketmanager" svc;
 
       services.virtufin.websocketmanager.settings = lib.mapAttrs (_: mkDefault) {
         ASPNETCORE_URLS = "http://${vlib.urlHost svc.listenAddress}:${toString svc.httpPort}";

@@ -26,6 +26,8 @@ in {
       warnings = checks.warnings ++ clientChecks.warnings;
 
       systemd.packages = [cfg.package];
+      # Socket activation: the listeners, at the module's address and ports.
+      systemd.sockets = vlib.socketUnits "virtufin-workmanager" svc;
 
       services.virtufin.workmanager.settings = lib.mapAttrs (_: mkDefault) {
         ASPNETCORE_URLS = "http://${vlib.urlHost svc.listenAddress}:${toString svc.httpPort}";

@@ -21,6 +21,17 @@
 #     cannot touch another service's state, the journal's audit lines name
 #     the caller;
 #   - each unit's `systemd-analyze security` exposure is at most 2.0;
+#   - socket activation (sockets_* in valkey.sh): the six socket units are active
+#     and the services took their listeners; a continuous client
+#     (virtufin-callprobe: gRPC HealthCheck + GetState and HTTP /health, a
+#     fresh connection per round) through `systemctl restart virtufin-api`,
+#     `kill -9` of the api and a reinstall of the .deb sees 0 refused
+#     connections, 0 timeouts, every call answered (a gRPC or HTTP status);
+#     broken connections only for the calls in flight in the process killed
+#     by kill -9 (at most one per loop), none on restart or reinstall;
+#   - reload without restart (reload_* in valkey.sh): `systemctl reload` after a key
+#     is added makes it work with the same PID; a broken keys file is
+#     refused (STATUS= and the journal say so) and the old keys keep working;
 # and prints start-to-ready time and idle RSS. Then the dapr pass, on a
 # fresh copy of the same root with daprd (scripts/daprd: packaging/daprd)
 # in /usr/local/bin and the api switched over as the README says:
@@ -46,7 +57,8 @@ CACHE=${VIRTUFIN_CHAIN_CACHE:-/var/tmp/virtufin-chain}
 PACKAGES=systemd,systemd-sysv,dbus,valkey-server,ca-certificates,python3
 # The cached root is keyed by its package list.
 BASE=$CACHE/base-trixie-$(echo "$PACKAGES" | md5sum | cut -c1-8)
-WORK=$CACHE/run
+# A run root of its own (VIRTUFIN_CHAIN_WORK) lets two runs share the cache.
+WORK=${VIRTUFIN_CHAIN_WORK:-$CACHE/run}
 MIRROR=${VIRTUFIN_CHAIN_MIRROR:-http://deb.debian.org/debian}
 UNITS="virtufin-api virtufin-websocketmanager virtufin-workmanager"
 failures=0
@@ -105,6 +117,7 @@ prepare_root() {
   echo "127.0.0.1 virtufin-api" >>"$WORK/etc/hosts"
   cp "$grpcurl_bin" "$WORK/usr/local/bin/grpcurl"
   cp target/release/virtufin-ws-echo "$WORK/usr/local/bin/"
+  cp target/release/virtufin-callprobe "$WORK/usr/local/bin/"
   cat >"$WORK/etc/systemd/system/ws-echo.service" <<'UNIT'
 [Unit]
 Description=WebSocket echo peer for the chain test

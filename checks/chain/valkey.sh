@@ -81,6 +81,135 @@ check "the websocketmanager's key cannot read the workmanager's state" grep -q P
 audit=$(in_ct journalctl -u virtufin-api -o verbose --no-pager 2>/dev/null | grep -c 'F_CALLER=websocketmanager' || true)
 check "audit lines in the journal name the websocketmanager as caller ($audit)" test "${audit:-0}" -gt 0
 
+# --- reload without restart (Type=notify-reload) -------------------------
+# systemd 257 copies a LoadCredential= file only when the service starts
+# (a reload does not refresh it), so keys that change live come from
+# VIRTUFIN_API_KEYS_FILE: here a file in the api's own state directory, owned by its
+# DynamicUser and readable by nobody else.
+reload_keys_file=/var/lib/private/virtufin/api/api-keys.yaml
+reload_write_keys() { # $1: extra YAML lines under keys:
+  in_ct sh -c "umask 077; { cat /etc/virtufin/api-keys.yaml; printf '%s' \"$1\"; } >$reload_keys_file.new &&
+    chown \$(stat -c %u /var/lib/private/virtufin/api) $reload_keys_file.new && mv $reload_keys_file.new $reload_keys_file"
+}
+reload_checks() {
+  say "reload without restart (Type=notify-reload)"
+  check "virtufin-api is Type=notify-reload" test "$(prop virtufin-api Type)" = notify-reload
+  reload_write_keys ""
+  in_ct sh -c 'printf "[Service]\nEnvironment=VIRTUFIN_API_KEYS_FILE=/var/lib/virtufin/api/api-keys.yaml\n" >/etc/systemd/system/virtufin-api.service.d/reload.conf; systemctl daemon-reload'
+  in_ct systemctl restart virtufin-api
+  check "the api is active with its keys from VIRTUFIN_API_KEYS_FILE" wait_active virtufin-api
+  local pid new_key=chain-reload-key-0123456789
+  pid=$(prop virtufin-api MainPID)
+  refused_before=$(in_ct virtufin --api-key $new_key state get chain acknowledged 2>&1 || true)
+  check "a key not yet configured is refused (Unauthenticated)" grep -q Unauthenticated <<<"$refused_before"
+  reload_write_keys "  - {name: reloaded, key: $new_key}
+"
+  check "systemctl reload virtufin-api succeeds" in_ct systemctl reload virtufin-api
+  echo "   STATUS after the reload: $(prop virtufin-api StatusText)"
+  check "the new key works after the reload" test "$(in_ct virtufin --api-key $new_key state get chain acknowledged | grep -o before-kill)" = before-kill
+  check "... without a restart (PID $pid)" test "$(prop virtufin-api MainPID)" = "$pid"
+  in_ct sh -c "printf 'keys: [this is not: valid\n' >$reload_keys_file"
+  check "systemctl reload with a broken keys file still completes" in_ct systemctl reload virtufin-api
+  local status
+  status=$(prop virtufin-api StatusText)
+  echo "   STATUS after the broken reload: $status"
+  check "STATUS= says the keys file was refused" grep -q "reload refused.*API keys" <<<"$status"
+  check "the journal says why" sh -c "nsenter -t $LEADER -a journalctl -u virtufin-api --no-pager -n 50 | grep -q 'reload refused'"
+  check "the old keys keep working (admin)" test "$(in_ct virtufin --api-key chain-admin-key-0123456789 state get chain acknowledged | grep -o before-kill)" = before-kill
+  check "the old keys keep working (the one added by the reload)" test "$(in_ct virtufin --api-key $new_key state get chain acknowledged | grep -o before-kill)" = before-kill
+  check "the api stayed up (PID $pid, active)" test "$(prop virtufin-api MainPID)/$(in_ct systemctl is-active virtufin-api)" = "$pid/active"
+  for u in virtufin-websocketmanager virtufin-workmanager; do
+    local p
+    p=$(prop $u MainPID)
+    check "systemctl reload $u (log filter) keeps PID $p" sh -c "nsenter -t $LEADER -a systemctl reload $u && test \"\$(nsenter -t $LEADER -a systemctl show -P MainPID $u)\" = $p"
+  done
+  # Back to a good file for what follows.
+  reload_write_keys "  - {name: reloaded, key: $new_key}
+"
+  in_ct systemctl reload virtufin-api
+}
+
+# --- socket activation: zero refused calls across restarts ----------------
+sockets_probe_start() {
+  in_ct rm -f /tmp/probe.ready /tmp/probe.json
+  in_ct sh -c 'virtufin-callprobe --api-key chain-admin-key-0123456789 --service chain --key acknowledged --ready-file /tmp/probe.ready >/tmp/probe.json 2>/tmp/probe.err & echo $! >/tmp/probe.pid'
+  for _ in $(seq 200); do in_ct test -e /tmp/probe.ready && return 0; sleep 0.1; done
+  echo "   the probe did not get its first answers:"; in_ct cat /tmp/probe.err || true
+  return 1
+}
+sockets_probe_stop() {
+  in_ct sh -c 'kill -TERM $(cat /tmp/probe.pid)'
+  for _ in $(seq 700); do in_ct sh -c 'kill -0 $(cat /tmp/probe.pid) 2>/dev/null' || break; sleep 0.1; done
+  in_ct cat /tmp/probe.json
+}
+# $1: what was done; $2: broken connections allowed per loop (kill -9 only);
+# stdin: the probe's JSON.
+sockets_report() {
+  python3 -c '
+import json, sys
+what, allowed = sys.argv[1], int(sys.argv[2])
+text = sys.stdin.read().strip()
+try:
+    r = json.loads(text.splitlines()[-1])
+except Exception:
+    print("FAIL  %s: no probe result (%r)" % (what, text[:300])); sys.exit(1)
+ok = True
+for loop in ("grpc HealthCheck", "grpc GetState", "http GET /health"):
+    c = r.get(loop)
+    if c is None:
+        print("FAIL  %s: %s made no call" % (what, loop)); ok = False; continue
+    # A gRPC round runs both calls on one connection: one broken
+    # connection can fail both.
+    print("   %-17s %-16s answered %5d %s, refused %d, broken %d, timeouts %d, slowest %d ms%s" % (
+        what, loop, c["answered"], json.dumps(c["by_status"]), c["refused"], c["transport"], c["timeout"],
+        c["slowest_ms"], ("  e.g. " + c["examples"][0]) if c["examples"] else ""))
+    if c["refused"] or c["timeout"] or c["transport"] > allowed or c["answered"] == 0:
+        ok = False
+sys.exit(0 if ok else 1)
+' "$1" "$2"
+}
+sockets_phase() { # $1: label; $2: broken connections allowed per loop; $3...: the disruption
+  local label=$1 allowed=$2
+  shift 2
+  if ! sockets_probe_start; then fail "$label: the probe started"; return; fi
+  local before
+  before=$(prop virtufin-api MainPID)
+  "$@"
+  local new=""
+  for _ in $(seq 300); do
+    new=$(prop virtufin-api MainPID)
+    [ "$new" != "$before" ] && [ "$new" != 0 ] && [ "$(in_ct systemctl is-active virtufin-api)" = active ] && break
+    sleep 0.1
+  done
+  check "$label: the api runs again as a new process ($before -> $new)" test "$new" != "$before" -a "$new" != 0
+  local out
+  out=$(sockets_probe_stop)
+  check "$label: 0 refused, 0 timeouts, every call answered (broken connections allowed per loop: $allowed)" sockets_report "$label" "$allowed" <<<"$out"
+}
+sockets_kill9() { in_ct systemctl kill -s KILL virtufin-api; }
+sockets_restart() { in_ct systemctl restart virtufin-api; }
+sockets_reinstall() { in_ct dpkg -i /var/cache/virtufin.deb >"$CACHE/reinstall.log" 2>&1 || { cat "$CACHE/reinstall.log"; return 1; }; }
+sockets_checks() {
+  say "socket activation: zero refused calls across restarts"
+  for s in api websocketmanager workmanager; do
+    for k in http grpc; do
+      check "virtufin-$s-$k.socket is active (FileDescriptorName=$(prop virtufin-$s-$k.socket FileDescriptorName))" \
+        test "$(in_ct systemctl is-active virtufin-$s-$k.socket)" = active
+    done
+    check "virtufin-$s took its listeners from systemd" sh -c "nsenter -t $LEADER -a journalctl -u virtufin-$s --no-pager -b | grep -q socket-activated"
+  done
+  sockets_phase "restart" 0 sockets_restart
+  sockets_phase "kill -9" 1 sockets_kill9
+  sockets_phase "reinstall" 0 sockets_reinstall
+  check "after the reinstall the socket units stayed up (not restarted)" \
+    test "$(prop virtufin-api-grpc.socket ActiveEnterTimestampMonotonic)" = "$sockets_grpc_since"
+  for u in $UNITS; do check "$u is active after the reinstall" wait_active "$u"; done
+}
+
+reload_checks
+sockets_grpc_since=$(prop virtufin-api-grpc.socket ActiveEnterTimestampMonotonic)
+sockets_checks
+
 security $UNITS
 
 say "start-to-ready time and idle RSS"

@@ -1,6 +1,6 @@
 # The Cargo workspace as one package: virtufin-api,
 # virtufin-websocketmanager, virtufin-workmanager and the virtufin CLI,
-# plus the three systemd units from systemd/ (the one definition of the
+# plus the systemd units from systemd/ (three services, six sockets) (the one definition of the
 # units; only their ExecStart= path is rewritten from /usr/bin to $out/bin).
 {
   lib,
@@ -43,7 +43,13 @@ in
       install -Dm644 -t $out/lib/systemd/system \
         systemd/virtufin-api.service \
         systemd/virtufin-websocketmanager.service \
-        systemd/virtufin-workmanager.service
+        systemd/virtufin-workmanager.service \
+        systemd/virtufin-api-http.socket \
+        systemd/virtufin-api-grpc.socket \
+        systemd/virtufin-websocketmanager-http.socket \
+        systemd/virtufin-websocketmanager-grpc.socket \
+        systemd/virtufin-workmanager-http.socket \
+        systemd/virtufin-workmanager-grpc.socket
       substituteInPlace $out/lib/systemd/system/virtufin-*.service \
         --replace-fail "ExecStart=/usr/bin/" "ExecStart=$out/bin/"
     '';

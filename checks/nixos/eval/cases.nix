@@ -10,6 +10,12 @@
 #   firewall              the open TCP ports
 #   env.<svc>.<NAME>      a value, or null for "not set"
 #   environmentFile.<svc>, credentials.<svc> (["name:path"]), password
+#   external              valkey.external's expected rendering: { url;
+#                         redisHost; meta (daprd's extra metadata);
+#                         sentinelPassword } (no local Valkey then)
+#   redisServers          the redis module's enabled servers (default:
+#                         ["virtufin"], none with external)
+#   extra                 [{what; expected; found}]: further comparisons
 {
   lib,
   flake,
@@ -367,3 +373,272 @@ in
       assertions = ["services.virtufin.api.settings.VIRTUFIN_VALKEY_URL carries a password"];
     }
   ]
+  # Valkey elsewhere: one address, or Sentinels (valkey.external).
+  ++ [
+    {
+      name = "external/address/valkey";
+      modules = stack {
+        services.virtufin.valkey = {
+          external.address = "valkey.internal.example:6380";
+          passwordFile = "${secrets}/valkey-password";
+        };
+      };
+      external = {
+        url = "redis://valkey.internal.example:6380";
+        redisHost = "valkey.internal.example:6380";
+      };
+      password = "${secrets}/valkey-password";
+      credentials.api = ["valkey-password:${secrets}/valkey-password"];
+    }
+    {
+      name = "external/address/dapr-acl-user";
+      modules = stack {
+        services.virtufin = {
+          backend = "dapr";
+          valkey = {
+            external.address = "[2001:db8::7]:6379";
+            external.username = "virtufin";
+            passwordFile = "${secrets}/valkey-password";
+          };
+        };
+      };
+      backend = "dapr";
+      external = {
+        url = null;
+        redisHost = "[2001:db8::7]:6379";
+        meta.redisUsername = "virtufin";
+      };
+      password = "${secrets}/valkey-password";
+    }
+    {
+      name = "external/sentinel/valkey";
+      modules = stack {
+        services.virtufin.valkey = {
+          external.sentinels = ["10.0.0.1:26379" "10.0.0.2:26379" "10.0.0.3:26379"];
+          external.sentinelPasswordFile = "${secrets}/valkey-sentinel-password";
+          passwordFile = "${secrets}/valkey-password";
+          minReplicas = 1;
+          waitTimeout = "2s";
+        };
+      };
+      external = {
+        url = "redis+sentinel://10.0.0.1:26379,10.0.0.2:26379,10.0.0.3:26379/virtufin";
+        sentinelPassword = "${secrets}/valkey-sentinel-password";
+      };
+      password = "${secrets}/valkey-password";
+      credentials.api = [
+        "valkey-password:${secrets}/valkey-password"
+        "valkey-sentinel-password:${secrets}/valkey-sentinel-password"
+      ];
+      env.api = {
+        VIRTUFIN_VALKEY_MIN_REPLICAS = "1";
+        VIRTUFIN_VALKEY_WAIT_TIMEOUT = "2s";
+      };
+    }
+    {
+      name = "external/sentinel/valkey-acl-user-ipv6-no-passwords";
+      modules = stack {
+        services.virtufin.valkey.external = {
+          sentinels = ["[2001:db8::1]:26379" "sentinel.example:26379"];
+          primaryName = "store-a";
+          username = "virtufin";
+        };
+      };
+      external.url = "redis+sentinel://virtufin@[2001:db8::1]:26379,sentinel.example:26379/store-a";
+    }
+    {
+      name = "external/sentinel/dapr";
+      modules = stack {
+        services.virtufin = {
+          backend = "dapr";
+          valkey = {
+            external.sentinels = ["10.0.0.2:26379" "10.0.0.1:26379" "10.0.0.3:26379"];
+            external.primaryName = "store-a";
+            external.sentinelPasswordFile = "${secrets}/valkey-sentinel-password";
+            passwordFile = "${secrets}/valkey-password";
+          };
+        };
+      };
+      backend = "dapr";
+      external = {
+        url = null;
+        redisHost = "10.0.0.2:26379,10.0.0.1:26379,10.0.0.3:26379";
+        meta = {
+          failover = "true";
+          sentinelMasterName = "store-a";
+        };
+        sentinelPassword = "${secrets}/valkey-sentinel-password";
+      };
+      password = "${secrets}/valkey-password";
+    }
+    {
+      name = "external/sentinel/dapr-only-sentinel-password";
+      modules = stack {
+        services.virtufin = {
+          backend = "dapr";
+          valkey.external.sentinels = ["10.0.0.1:26379"];
+          valkey.external.sentinelPasswordFile = "${secrets}/valkey-sentinel-password";
+        };
+      };
+      backend = "dapr";
+      external = {
+        url = null;
+        redisHost = "10.0.0.1:26379";
+        meta = {
+          failover = "true";
+          sentinelMasterName = "virtufin";
+        };
+        sentinelPassword = "${secrets}/valkey-sentinel-password";
+      };
+    }
+    {
+      # minReplicas on the local Valkey (replicas the operator added).
+      name = "min-replicas/local";
+      modules = stack {services.virtufin.valkey.minReplicas = 2;};
+      env.api = {
+        VIRTUFIN_VALKEY_MIN_REPLICAS = "2";
+        VIRTUFIN_VALKEY_WAIT_TIMEOUT = "1s";
+      };
+    }
+    {
+      name = "external/refused/address-and-sentinels";
+      modules = stack {
+        services.virtufin.valkey.external = {
+          address = "10.0.0.1:6379";
+          sentinels = ["10.0.0.1:26379"];
+        };
+      };
+      assertions = ["services.virtufin.valkey.external.address and services.virtufin.valkey.external.sentinels are both set"];
+    }
+    {
+      name = "external/refused/no-port";
+      modules = stack {services.virtufin.valkey.external.sentinels = ["10.0.0.1:26379" "10.0.0.2" "redis://10.0.0.3:26379"];};
+      assertions = [''services.virtufin.valkey.external: ["10.0.0.2","redis://10.0.0.3:26379"] is not HOST:PORT''];
+    }
+    {
+      name = "external/refused/primary-name";
+      modules = stack {
+        services.virtufin.valkey.external = {
+          sentinels = ["10.0.0.1:26379"];
+          primaryName = "a/b";
+        };
+      };
+      assertions = [''services.virtufin.valkey.external.primaryName = "a/b" is not a Sentinel primary name''];
+    }
+    {
+      name = "external/refused/sentinel-password-in-store";
+      modules = stack {
+        services.virtufin.valkey.external = {
+          sentinels = ["10.0.0.1:26379"];
+          sentinelPasswordFile = builtins.toFile "valkey-sentinel-password" "not-a-secret";
+        };
+      };
+      assertions = ["services.virtufin.valkey.external.sentinelPasswordFile = \"${builtins.storeDir}/"];
+    }
+    {
+      name = "external/refused/sentinel-password-without-sentinels";
+      modules = stack {services.virtufin.valkey.external.sentinelPasswordFile = "${secrets}/valkey-sentinel-password";};
+      assertions = ["services.virtufin.valkey.external.sentinelPasswordFile is set but services.virtufin.valkey.external.sentinels is empty"];
+    }
+    {
+      name = "external/refused/username-on-local";
+      modules = stack {services.virtufin.valkey.external.username = "virtufin";};
+      assertions = [''services.virtufin.valkey.external.username = "virtufin" needs services.virtufin.valkey.external.address or .sentinels''];
+    }
+    {
+      name = "external/refused/min-replicas-on-dapr";
+      modules = stack {
+        services.virtufin = {
+          backend = "dapr";
+          valkey.external.sentinels = ["10.0.0.1:26379"];
+          valkey.minReplicas = 1;
+        };
+      };
+      assertions = [''services.virtufin.valkey.minReplicas = 1 needs backend = "valkey"''];
+    }
+    {
+      name = "external/refused/url-in-settings";
+      modules = stack {
+        services.virtufin.valkey.external.sentinels = ["10.0.0.1:26379"];
+        services.virtufin.api.settings.VIRTUFIN_VALKEY_URL = "redis://10.0.0.9:6379";
+      };
+      assertions = [''services.virtufin.api.settings.VIRTUFIN_VALKEY_URL = "redis://10.0.0.9:6379" contradicts services.virtufin.valkey.external = "redis+sentinel://10.0.0.1:26379/virtufin"''];
+    }
+  ]
+  # The README's three-host configuration (nixos-modules/examples), each host.
+  ++ map (self: let
+    others = lib.remove self ["10.0.0.1" "10.0.0.2" "10.0.0.3"];
+  in {
+    name = "three-hosts/${self}";
+    modules = [
+      flake.nixosModules.default
+      (import (repo + "/nixos-modules/examples/three-hosts.nix") self)
+    ];
+    external = {
+      url = "redis+sentinel://${lib.concatMapStringsSep "," (h: "${h}:26379") ([self] ++ others)}/virtufin";
+    };
+    password = "/run/secrets/valkey-password";
+    credentials.api = ["valkey-password:/run/secrets/valkey-password"];
+    env.api = {
+      VIRTUFIN_VALKEY_MIN_REPLICAS = "1";
+      VIRTUFIN_VALKEY_WAIT_TIMEOUT = "1s";
+    };
+    firewall = [6379 26379];
+    # The host's own Valkey and Sentinel (the example's, not the module's).
+    redisServers = ["virtufin-store"];
+    extra = r: let
+      # A unit's Key= value, and the store file a script/ config names.
+      entry = text: key: let
+        l = lib.filter (lib.hasPrefix "${key}=") (lib.splitString "\n" text);
+      in
+        if l == []
+        then null
+        else lib.removePrefix "${key}=" (lib.last l);
+      named = pattern: text: let
+        m = builtins.match ".*(${builtins.storeDir}/[0-9a-z]{32}-${pattern}).*" (toString text);
+      in
+        if m == null
+        then null
+        else r.readStoreFile (builtins.head m);
+      lines = text: lib.filter (l: l != "") (map lib.trim (lib.splitString "\n" (toString text)));
+      sentinel = r.otherUnits."valkey-sentinel.service" or "";
+      store = r.otherUnits."redis-virtufin-store.service" or "";
+      seed = named "valkey-sentinel-seed.conf" (named "valkey-sentinel-seed" (entry sentinel "ExecStartPre"));
+      storeConf = lines (named "redis.conf" (named "redis-virtufin-store-prep-conf" (entry store "ExecStartPre")));
+    in [
+      {
+        what = "README.md shows nixos-modules/examples/three-hosts.nix verbatim";
+        expected = true;
+        found = lib.hasInfix "```nix\n${builtins.readFile (repo + "/nixos-modules/examples/three-hosts.nix")}```" (builtins.readFile (repo + "/README.md"));
+      }
+      {
+        what = "the Sentinel's ExecStart= (a config it can rewrite)";
+        expected = true;
+        found = lib.hasSuffix "-valkey/bin/valkey-server /var/lib/valkey-sentinel/sentinel.conf --sentinel" (toString (entry sentinel "ExecStart"));
+      }
+      {
+        what = "the Sentinel's LoadCredential=";
+        expected = "valkey-password:/run/secrets/valkey-password";
+        found = entry sentinel "LoadCredential";
+      }
+      {
+        what = "the Sentinel's seed config";
+        expected = [
+          "port 26379"
+          "bind ${self} 127.0.0.1"
+          "sentinel announce-ip ${self}"
+          "supervised systemd"
+          "sentinel monitor virtufin 10.0.0.1 6379 2"
+          "sentinel down-after-milliseconds virtufin 5000"
+          "sentinel failover-timeout virtufin 60000"
+        ];
+        found = lines seed;
+      }
+      {
+        # No static slaveof: Sentinel moves the primary (see the example).
+        what = "the host's Valkey: bind, announce, masterauth include, no slaveof";
+        expected = lib.sort lib.lessThan ["bind ${self} 127.0.0.1" "include /run/secrets/valkey-masterauth.conf" "replica-announce-ip ${self}" "appendOnly yes"];
+        found = lib.sort lib.lessThan (lib.filter (l: lib.any (k: lib.hasPrefix "${k} " l) ["bind" "include" "replica-announce-ip" "appendOnly" "slaveof" "masterauth" "requirepass"]) storeConf);
+      }
+    ];
+  }) ["10.0.0.1" "10.0.0.2" "10.0.0.3"]

@@ -71,6 +71,19 @@
   apiHost = case.apiHost or "127.0.0.1";
   apiPort = case.apiPort or (grpc "api");
   password = case.password or null;
+  # An external Valkey (valkey.external), as literal expectations:
+  # { url (the api's VIRTUFIN_VALKEY_URL), redisHost, meta (daprd's extra
+  # component metadata), sentinelPassword (path or null) }; null: local.
+  external = case.external or null;
+  sentinelPassword =
+    if external == null
+    then null
+    else external.sentinelPassword or null;
+  # What reaches a client as credentials: name -> path.
+  valkeySecrets =
+    lib.optionalAttrs (password != null) {valkey-password = password;}
+    // lib.optionalAttrs (sentinelPassword != null) {valkey-sentinel-password = sentinelPassword;};
+  online = "network-online.target";
   gateway =
     case.gateway
     or (map (s: {
@@ -109,17 +122,43 @@
 
   # --- units ---------------------------------------------------------------
   ourUnits =
-    map (s: "virtufin-${s}.service") services
-    ++ lib.optionals (runs "api") (["redis-virtufin.service"] ++ lib.optional (backend == "dapr") "virtufin-daprd.service");
+    lib.concatMap (s: ["virtufin-${s}.service" "virtufin-${s}-http.socket" "virtufin-${s}-grpc.socket"]) services
+    ++ lib.optionals (runs "api") (lib.optional (external == null) "redis-virtufin.service" ++ lib.optional (backend == "dapr") "virtufin-daprd.service");
 
   # What a drop-in may carry (README, "NixOS"): the environment (NixOS
   # adds PATH to it), EnvironmentFile=, LoadCredential=, wantedBy, and
-  # for the api Requires=/After= on its store. Everything else —
+  # for the api Requires=/After= on its store (Wants=/After= the network
+  # with an external Valkey). Everything else —
   # ordering, Type=notify, the watchdog, restart policy, hardening — comes
   # from the packaged unit.
   allowedDropin = s:
     ["Service.Environment" "Service.EnvironmentFile" "Service.LoadCredential" "Install.WantedBy"]
-    ++ lib.optionals (s == "api") ["Unit.Requires" "Unit.After"];
+    ++ lib.optionals (s == "api") ["Unit.Requires" "Unit.Wants" "Unit.After"];
+
+  # Socket activation: the packaged socket units (FileDescriptorName=,
+  # Service=) under a drop-in that sets ListenStream= from the options and
+  # enables them.
+  socketChecks = s:
+    lib.concatMap (kind: let
+      name = "virtufin-${s}-${kind}.socket";
+      u = unit name;
+      d = parse u.text;
+      p = parse u.packaged;
+      port =
+        if kind == "http"
+        then http s
+        else grpc s;
+    in
+      if u == null
+      then [
+        "${case.name}: ${name}: expected a socket unit, found none"
+      ]
+      else
+        same "${name} is a drop-in over the packaged unit" true (u.dropin && u.packaged != null)
+        ++ same "${name} drop-in: ListenStream= (reset, then the options' address and port)" ["" "${bracket (listen s)}:${toString port}"] (values d "Socket" "ListenStream")
+        ++ same "${name} drop-in: WantedBy=" ["sockets.target"] (words d "Install" "WantedBy")
+        ++ same "${name} packaged: FileDescriptorName=" kind (value p "Socket" "FileDescriptorName")
+        ++ same "${name} packaged: Service=" "virtufin-${s}.service" (value p "Socket" "Service")) ["http" "grpc"];
 
   serviceChecks = s: let
     name = "virtufin-${s}.service";
@@ -139,7 +178,13 @@
         // (
           if backend == "valkey"
           then {
-            VIRTUFIN_VALKEY_URL = "redis://127.0.0.1:${toString valkeyPort}";
+            VIRTUFIN_VALKEY_URL =
+              if external != null
+              then external.url
+              else "redis://127.0.0.1:${toString valkeyPort}";
+            # Set only with valkey.minReplicas > 0 (case.env says so).
+            VIRTUFIN_VALKEY_MIN_REPLICAS = null;
+            VIRTUFIN_VALKEY_WAIT_TIMEOUT = null;
             DAPR_GRPC_PORT = null;
           }
           else {
@@ -169,7 +214,14 @@
       ++ sameSet "${name} EnvironmentFile=" (lib.toList ((case.environmentFile or {}).${s} or [])) (values d "Service" "EnvironmentFile")
       ++ sameSet "${name} LoadCredential=" ((case.credentials or {}).${s} or []) (values d "Service" "LoadCredential")
       # The packaged unit: kept as the one definition.
-      ++ same "${name} packaged: Type=" "notify" (value p "Service" "Type")
+      ++ same "${name} packaged: Type=" "notify-reload" (value p "Service" "Type")
+      ++ same "${name} packaged: Sockets=" ["virtufin-${s}-http.socket" "virtufin-${s}-grpc.socket"] (words p "Service" "Sockets")
+      ++ check {
+        what = "${name} packaged: Requires= its socket units";
+        expected = ["virtufin-${s}-http.socket" "virtufin-${s}-grpc.socket"];
+        found = words p "Unit" "Requires";
+        ok = lib.all (x: elem x (words p "Unit" "Requires")) ["virtufin-${s}-http.socket" "virtufin-${s}-grpc.socket"];
+      }
       ++ same "${name} packaged: NotifyAccess=" "main" (value p "Service" "NotifyAccess")
       ++ same "${name} packaged: WatchdogSec=" "30s" (value p "Service" "WatchdogSec")
       ++ same "${name} packaged: Restart=" "on-failure" (value p "Service" "Restart")
@@ -194,14 +246,18 @@
         if s == "api"
         then
           same "${name} packaged: Before=" ["virtufin-websocketmanager.service" "virtufin-workmanager.service"] (words p "Unit" "Before")
-          ++ same "virtufin-api.service drop-in: Requires=" [
-            (
-              if backend == "dapr"
-              then "virtufin-daprd.service"
-              else "redis-virtufin.service"
-            )
-          ] (words d "Unit" "Requires")
-          ++ sameSet "virtufin-api.service drop-in: After=" (["redis-virtufin.service"] ++ lib.optional (backend == "dapr") "virtufin-daprd.service") (words d "Unit" "After")
+          ++ same "virtufin-api.service drop-in: Requires=" (
+            if backend == "dapr"
+            then ["virtufin-daprd.service"]
+            else lib.optional (external == null) "redis-virtufin.service"
+          ) (words d "Unit" "Requires")
+          # An external Valkey is no unit: the api waits for the network.
+          ++ same "virtufin-api.service drop-in: Wants=" (lib.optional (external != null && backend == "valkey") online) (words d "Unit" "Wants")
+          ++ sameSet "virtufin-api.service drop-in: After=" (
+            lib.optional (external == null) "redis-virtufin.service"
+            ++ lib.optional (backend == "dapr") "virtufin-daprd.service"
+            ++ lib.optional (external != null && backend == "valkey") online
+          ) (words d "Unit" "After")
           ++ check {
             what = "virtufin-api.service SERVICES_CONFIG_PATH is a file in the store";
             expected = "${builtins.storeDir}/…-virtufin-services.json";
@@ -253,7 +309,12 @@
       then null
       else lib.removePrefix "${key} " (builtins.head v);
   in
-    lib.optionals (runs "api" && u != null) (
+    # An external Valkey: none runs here.
+    lib.optionals (runs "api" && external != null) (
+      same "a local Valkey (redis-virtufin.service) with valkey.external" false (u != null)
+      ++ same "the redis module's servers with valkey.external (none of the module's)" (case.redisServers or []) r.redisServers
+    )
+    ++ lib.optionals (runs "api" && u != null) (
       same "redis-virtufin.service is a unit of its own (no package ships it)" false u.dropin
       ++ check {
         what = "redis-virtufin.service ExecStart= runs valkey-server";
@@ -286,14 +347,25 @@
     dd = r.daprd;
     c = dd.components;
     meta = comp: lib.listToAttrs (map (x: lib.nameValuePair x.name (x.value or x.secretKeyRef or null)) (comp.spec.metadata or []));
+    ref = credential: {
+      name = credential;
+      key = credential;
+    };
     redisMeta =
-      {redisHost = "127.0.0.1:${toString valkeyPort}";}
-      // lib.optionalAttrs (password != null) {
-        redisPassword = {
-          name = "valkey-password";
-          key = "valkey-password";
-        };
-      };
+      {
+        redisHost =
+          if external != null
+          then external.redisHost
+          else "127.0.0.1:${toString valkeyPort}";
+      }
+      // (
+        if external != null
+        then external.meta or {}
+        else {}
+      )
+      // lib.optionalAttrs (password != null) {redisPassword = ref "valkey-password";}
+      // lib.optionalAttrs (sentinelPassword != null) {sentinelPassword = ref "valkey-sentinel-password";};
+    secrets = valkeySecrets != {};
     pre = value d "Service" "ExecStartPre";
     readable = c != null && lib.all (v: v != null) (builtins.attrValues c);
     # name, type, metadata (name -> value or secretKeyRef) and auth of one.
@@ -308,8 +380,16 @@
   in
     lib.optionals (runs "api" && backend == "dapr" && u != null) (
       same "virtufin-daprd.service is a unit of its own" false u.dropin
-      ++ same "virtufin-daprd.service Requires=" ["redis-virtufin.service"] (words d "Unit" "Requires")
-      ++ sameSet "virtufin-daprd.service After=" ["network.target" "redis-virtufin.service"] (words d "Unit" "After")
+      ++ same "virtufin-daprd.service Requires=" (lib.optional (external == null) "redis-virtufin.service") (words d "Unit" "Requires")
+      ++ same "virtufin-daprd.service Wants=" (lib.optional (external != null) online) (words d "Unit" "Wants")
+      ++ sameSet "virtufin-daprd.service After=" [
+        "network.target"
+        (
+          if external != null
+          then online
+          else "redis-virtufin.service"
+        )
+      ] (words d "Unit" "After")
       ++ same "virtufin-daprd.service Before=" ["virtufin-api.service"] (words d "Unit" "Before")
       ++ same "virtufin-daprd.service WantedBy=" ["multi-user.target"] (words d "Install" "WantedBy")
       ++ lib.concatLists (lib.mapAttrsToList (k: v: same "virtufin-daprd.service ${k}=" v (value d "Service" k)) {
@@ -350,13 +430,13 @@
       }
       ++ lib.optionals readable (
         same "daprd's components (files in --resources-path)"
-        (["pubsub.yaml" "resiliency.yaml" "secretstore.yaml" "statestore.yaml"] ++ lib.optional (password != null) "valkey-secretstore.yaml")
+        (["pubsub.yaml" "resiliency.yaml" "secretstore.yaml" "statestore.yaml"] ++ lib.optional secrets "valkey-secretstore.yaml")
         (builtins.attrNames c)
         ++ same "component statestore" {
           name = "statestore";
           type = "state.redis";
           meta = redisMeta;
-          auth = lib.optionalAttrs (password != null) {secretStore = "virtufin-valkey";};
+          auth = lib.optionalAttrs secrets {secretStore = "virtufin-valkey";};
         } (summary "statestore.yaml")
         ++ same "component pubsub" {
           name = "pubsub";
@@ -371,7 +451,7 @@
               redeliverInterval = "15s";
               maxLenApprox = "100000";
             };
-          auth = lib.optionalAttrs (password != null) {secretStore = "virtufin-valkey";};
+          auth = lib.optionalAttrs secrets {secretStore = "virtufin-valkey";};
         } (summary "pubsub.yaml")
         ++ same "component virtufin-secrets (dapr.secretsFile, as a credential)" {
           name = "virtufin-secrets";
@@ -386,20 +466,24 @@
           kind = c."resiliency.yaml".kind or null;
           targets = c."resiliency.yaml".spec.targets or null;
         }
-        ++ lib.optionals (password != null) (same "component virtufin-valkey (the password, written at start)" {
+        ++ lib.optionals secrets (same "component virtufin-valkey (the passwords, written at start)" {
           name = "virtufin-valkey";
           type = "secretstores.local.file";
           meta.secretsFile = "/run/virtufin-daprd/valkey-secrets.json";
           auth = {};
         } (summary "valkey-secretstore.yaml"))
       )
-      ++ lib.optionals (password != null) (check {
-        what = "daprd's ExecStartPre= writes the password from its credential into the runtime directory";
-        expected = "jq … $CREDENTIALS_DIRECTORY/valkey-password … > /run/virtufin-daprd/valkey-secrets.json";
+      ++ lib.optionals secrets (check {
+        what = "daprd's ExecStartPre= writes each password from its credential, as the key of that name, into the runtime directory";
+        expected = map (n: "jq … \"$CREDENTIALS_DIRECTORY/${n}\" … \"${n}\": … > /run/virtufin-daprd/valkey-secrets.json") (builtins.attrNames valkeySecrets);
         found = storeFile pre;
-        ok = pre != null && lib.hasInfix "\"$CREDENTIALS_DIRECTORY/valkey-password\"" (toString (storeFile pre)) && lib.hasInfix "> /run/virtufin-daprd/valkey-secrets.json" (toString (storeFile pre));
+        ok =
+          pre
+          != null
+          && lib.all (n: lib.hasInfix "\"$CREDENTIALS_DIRECTORY/${n}\"" (toString (storeFile pre)) && lib.hasInfix "\"${n}\": (" (toString (storeFile pre))) (builtins.attrNames valkeySecrets)
+          && lib.hasInfix "> /run/virtufin-daprd/valkey-secrets.json" (toString (storeFile pre));
       })
-      ++ same "virtufin-daprd.service ExecStartPre=" (password != null) (pre != null)
+      ++ same "virtufin-daprd.service ExecStartPre=" secrets (pre != null)
       ++ sameSet "virtufin-daprd.service LoadCredential= (store: the empty secrets file)"
       ([
           (
@@ -408,7 +492,7 @@
             else "secrets.json:store"
           )
         ]
-        ++ lib.optional (password != null) "valkey-password:${password}")
+        ++ lib.mapAttrsToList (n: p: "${n}:${p}") valkeySecrets)
       (map (l:
         if lib.hasPrefix "secrets.json:${builtins.storeDir}/" l && lib.hasSuffix "-virtufin-dapr-secrets.json" l
         then "secrets.json:store"
@@ -435,7 +519,9 @@ in
     sameSet "the host's units" ourUnits (builtins.attrNames r.units)
     ++ sameSet "open TCP ports (networking.firewall.allowedTCPPorts)" (case.firewall or []) r.firewall.tcp
     ++ lib.concatMap serviceChecks services
+    ++ lib.concatMap socketChecks services
     ++ valkeyChecks
     ++ daprChecks
     ++ secretChecks
+    ++ lib.concatMap (x: same x.what x.expected x.found) ((case.extra or (_: [])) r)
   )

@@ -57,11 +57,13 @@
     failures "packages.${system}" ["daprd" "default" "virtufin"] (names pkgs)
     ++ failures "packages.${system}: all derivations" true (lib.all isDrv (builtins.attrValues pkgs))
     ++ failures "packages.${system}.default is the virtufin package" (virtufin.name or null) (pkgs.default.name or null)
-    ++ failures "packages.${system}.virtufin: the systemd units it installs into lib/systemd/system" ["virtufin-api.service" "virtufin-websocketmanager.service" "virtufin-workmanager.service"] (names units)
+    ++ failures "packages.${system}.virtufin: the systemd units it installs into lib/systemd/system"
+    (lib.sort lib.lessThan (lib.concatMap (s: ["virtufin-${s}.service" "virtufin-${s}-http.socket" "virtufin-${s}-grpc.socket"]) ["api" "websocketmanager" "workmanager"]))
+    (names units)
     ++ lib.concatLists (lib.mapAttrsToList (n: text:
       failures "packages.${system}.virtufin: ${n}'s ExecStart= is rewritten from /usr/bin to the package" true
       (lib.hasInfix "ExecStart=${virtufin}/bin/${lib.removeSuffix ".service" n}\n" text && !(lib.hasInfix "/usr/bin/" text)))
-    units)
+    (lib.filterAttrs (n: _: lib.hasSuffix ".service" n) units))
     ++ failures "checks.${system}" ["clippy" "nix-format" "nixos-chain-dapr" "nixos-chain-valkey" "rustfmt" "test" "virtufin"] (names checks)
     ++ failures "checks.${system}: all derivations" true (lib.all isDrv (builtins.attrValues checks))
     ++ failures "checks.${system}.test runs the test suite with valkey, grpcurl and Python's websockets"

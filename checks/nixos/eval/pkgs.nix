@@ -133,7 +133,7 @@
     script = args.postInstall or "";
     files =
       map builtins.head (builtins.filter builtins.isList
-        (builtins.split "(systemd/[A-Za-z0-9@_.-]+[.]service)" script));
+        (builtins.split "(systemd/[A-Za-z0-9@_.-]+[.](service|socket))" script));
     replace = builtins.match ".*--replace-fail \"([^\"]*)\" \"([^\"]*)\".*" script;
     rewrite = text:
       if replace == null

@@ -103,6 +103,17 @@ in {
   inherit units storeFiles packages daprd;
   assertions = map (a: a.message) (lib.filter (a: !a.assertion) config.assertions);
   inherit (config) warnings;
+  # The redis module's enabled servers (none with an external Valkey).
+  redisServers = builtins.attrNames (lib.filterAttrs (_: s: s.enable) config.services.redis.servers);
+  # The texts of the host's other units (a case's own Valkey or Sentinel),
+  # and a reader of the store files they name (null when not readable).
+  otherUnits = lib.mapAttrs (_: u: u.text) (lib.filterAttrs (name: u: !(ours name) && u.enable) config.systemd.units);
+  readStoreFile = path: let
+    p = builtins.unsafeDiscardStringContext path;
+  in
+    if lib.hasPrefix "${storeDir}/" p && pathExists p
+    then builtins.unsafeDiscardStringContext (readFile p)
+    else null;
   firewall.tcp = lib.unique (lib.sort lib.lessThan config.networking.firewall.allowedTCPPorts);
   # The unit files as NixOS lays them out under /etc/systemd/system (the
   # packaged ones are links to the package there; here their text), by path

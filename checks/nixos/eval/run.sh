@@ -33,7 +33,7 @@ trap 'rm -rf "$work"' EXIT
 # rendered unit and no store file.
 canary="virtufin-eval-canary-$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
 mkdir "$work/secrets"
-for f in valkey-password api.env websocketmanager.env api-keys.yaml api-key dapr-secrets.json; do
+for f in valkey-password valkey-sentinel-password api.env websocketmanager.env api-keys.yaml api-key dapr-secrets.json; do
   printf '%s-%s\n' "$canary" "$f" >"$work/secrets/$f"
 done
 

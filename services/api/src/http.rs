@@ -14,7 +14,7 @@ use axum::{
 use serde::Deserialize;
 use serde_json::json;
 
-use virtufin_common::auth::{ApiKeys, Caller, http_auth};
+use virtufin_common::auth::{Caller, SharedKeys, http_auth};
 
 use crate::{App, error::ApiError, gateway::GatewayApi, state::StateApi};
 
@@ -28,7 +28,7 @@ pub fn router(
     app: Arc<App>,
     state: StateApi,
     gateway: GatewayApi,
-    keys: Arc<ApiKeys>,
+    keys: SharedKeys,
     cors: Option<tower_http::cors::CorsLayer>,
 ) -> Router {
     let health = app.health.router();

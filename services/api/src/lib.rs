@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use virtufin_common::{
     Health, Notifier,
-    auth::{ApiKeys, GrpcAuth},
+    auth::{ApiKeys, GrpcAuth, SharedKeys},
 };
 use virtufin_proto::api::v1::{
     gateway_server::GatewayServer, health_server::HealthServer, pubsub_server::PubsubServer,
@@ -76,10 +76,11 @@ impl App {
 
 pub use virtufin_common::serve::Listeners;
 
-/// Binds the api's sockets (before anything else, so that a port conflict
-/// fails the start at once).
+/// The service's sockets: those systemd passed (socket activation), or
+/// bound here before anything else, so that a port conflict fails the
+/// start at once.
 pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
-    Ok(Listeners::bind(&config.http_addrs(), config.grpc_addr()).await?)
+    Ok(Listeners::from_systemd_or_bind(&config.http_addrs(), config.grpc_addr()).await?)
 }
 
 fn dapr_options(c: &Config) -> virtufin_store_dapr::DaprOptions {
@@ -118,15 +119,12 @@ pub async fn run(
         ),
         _ => (None, None),
     };
-    // Without a file setting, a systemd credential named "api-keys" is used.
-    let keys_file = config
-        .api_keys_file
-        .clone()
-        .or_else(|| virtufin_common::config::credential("api-keys"));
-    let keys =
-        Arc::new(ApiKeys::load(keys_file.as_deref()).map_err(|e| RunError::Config(e.to_string()))?);
-    if keys.enabled() {
-        tracing::info!(keys = ?keys.names(), "API keys required (x-api-key)");
+    let keys = SharedKeys::new(
+        ApiKeys::load(api_keys_file(&config).as_deref())
+            .map_err(|e| RunError::Config(e.to_string()))?,
+    );
+    if keys.current().enabled() {
+        tracing::info!(keys = ?keys.current().names(), "API keys required (x-api-key)");
     } else {
         tracing::info!("no API key configured: auth is off");
     }
@@ -163,6 +161,28 @@ pub async fn run(
 
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(notifier.follow(health.clone(), "virtufin-api", shutdown.clone()));
+    // SIGHUP (systemctl reload): the log filter, the API keys and the
+    // Gateway's services file, each kept as it was when its new one is bad.
+    let mut parts = virtufin_common::reload::common_parts();
+    parts.push(reload_keys_part(config.clone(), keys.clone()));
+    {
+        let gw = gw.clone();
+        parts.push(virtufin_common::reload::Part::new(
+            "services file",
+            move || match gw.path().map(|p| p.display().to_string()) {
+                None => Ok("no services file configured".to_owned()),
+                Some(path) => match gw.reload() {
+                    Ok(true) => Ok(format!("services file {path}: {:?}", gw.service_names())),
+                    Ok(false) => Ok(format!("services file {path} unchanged")),
+                    Err(e) => Err(e.to_string()),
+                },
+            },
+        ));
+    }
+    tasks.spawn(
+        virtufin_common::reload::on_sighup("virtufin-api", parts, health.clone(), shutdown.clone())
+            .map_err(|e| RunError::Config(format!("cannot install the SIGHUP handler: {e}")))?,
+    );
 
     // gRPC
     let (reporter, std_health) = tonic_health::server::health_reporter();
@@ -218,6 +238,7 @@ pub async fn run(
         listeners.grpc,
         http::router(app.clone(), state_api, gateway_api, keys.clone(), cors),
         listeners.http,
+        listeners.activated.then(|| health.clone()),
         &shutdown,
     );
     if config.services_config.is_some() {
@@ -251,6 +272,38 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
     tracing::info!("stopped");
     result
+}
+
+/// Where the API keys come from: the configured file, else the systemd
+/// credential named "api-keys" (re-evaluated on every reload).
+fn api_keys_file(config: &Config) -> Option<std::path::PathBuf> {
+    config
+        .api_keys_file
+        .clone()
+        .or_else(|| virtufin_common::config::credential("api-keys"))
+}
+
+/// The reload of the API keys: the same loader as at start; a file that
+/// does not load, or that would turn auth off while keys are in force (an
+/// emptied file), is refused and the keys in force stay.
+fn reload_keys_part(config: Config, keys: SharedKeys) -> virtufin_common::reload::Part {
+    virtufin_common::reload::Part::new("API keys", move || {
+        let file = api_keys_file(&config);
+        let shown = file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the environment".to_owned());
+        let new = ApiKeys::load(file.as_deref()).map_err(|e| e.to_string())?;
+        if keys.current().enabled() && !new.enabled() {
+            return Err(format!(
+                "{shown} now has no key, which would turn authentication off; \
+                 restart the api to run without keys deliberately"
+            ));
+        }
+        let names: Vec<String> = new.names().into_iter().map(str::to_owned).collect();
+        keys.replace(new);
+        Ok(format!("API keys from {shown}: {names:?}"))
+    })
 }
 
 /// CORS for browsers, off unless origins are configured ("*" = any).

@@ -268,15 +268,40 @@ impl ApiKeys {
     }
 }
 
+/// The keys in force, replaceable while the service runs (a reload): each
+/// call checks against the set current when it arrives.
+#[derive(Debug, Clone, Default)]
+pub struct SharedKeys(Arc<std::sync::RwLock<Arc<ApiKeys>>>);
+
+impl SharedKeys {
+    pub fn new(keys: ApiKeys) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(Arc::new(keys))))
+    }
+
+    /// The keys in force now.
+    pub fn current(&self) -> Arc<ApiKeys> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Puts `keys` in force; returns the previous set.
+    pub fn replace(&self, keys: ApiKeys) -> Arc<ApiKeys> {
+        std::mem::replace(
+            &mut *self.0.write().unwrap_or_else(|p| p.into_inner()),
+            Arc::new(keys),
+        )
+    }
+}
+
 /// Checks `x-api-key` on each gRPC call and puts the [`Caller`] in the
 /// request's extensions.
 #[derive(Debug, Clone)]
-pub struct GrpcAuth(pub Arc<ApiKeys>);
+pub struct GrpcAuth(pub SharedKeys);
 
 impl tonic::service::Interceptor for GrpcAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         let caller = self
             .0
+            .current()
             .authenticate(req.metadata().get(API_KEY_HEADER).map(|v| v.as_bytes()))?;
         req.extensions_mut().insert(caller);
         Ok(req)
@@ -294,11 +319,12 @@ pub fn caller_of<T>(req: &tonic::Request<T>) -> Caller {
 
 /// Axum middleware: the same check for REST routes (401 on failure).
 pub async fn http_auth(
-    axum::extract::State(keys): axum::extract::State<Arc<ApiKeys>>,
+    axum::extract::State(keys): axum::extract::State<SharedKeys>,
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    let keys = keys.current();
     match keys.authenticate(req.headers().get(API_KEY_HEADER).map(|v| v.as_bytes())) {
         Ok(caller) => {
             req.extensions_mut().insert(caller);

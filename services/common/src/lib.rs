@@ -10,6 +10,7 @@ pub mod grpc_health;
 pub mod health;
 pub mod logging;
 pub mod notify;
+pub mod reload;
 pub mod serve;
 pub mod shutdown;
 pub mod validate;

@@ -32,6 +32,28 @@ impl Notifier {
         self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
     }
 
+    /// `RELOADING=1` with `MONOTONIC_USEC=` (which `Type=notify-reload`
+    /// requires, systemd ≥ 253); `READY=1` ([`Notifier::ready`]) ends it.
+    pub fn reloading(&self, status: &str) {
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => self.send(&[NotifyState::Reloading, now, NotifyState::Status(status)]),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read CLOCK_MONOTONIC for MONOTONIC_USEC");
+                self.send(&[NotifyState::Reloading, NotifyState::Status(status)]);
+            }
+        }
+    }
+
+    /// `EXTEND_TIMEOUT_USEC=`: the start (or stop) may take `by` longer
+    /// from now than `TimeoutStartSec=` allows.
+    pub fn extend_timeout(&self, by: Duration, status: &str) {
+        let usec = u32::try_from(by.as_micros()).unwrap_or(u32::MAX);
+        self.send(&[
+            NotifyState::ExtendTimeoutUsec(usec),
+            NotifyState::Status(status),
+        ]);
+    }
+
     pub fn stopping(&self) {
         self.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     }
@@ -82,6 +104,57 @@ impl Notifier {
                 }
             }
         }
+    }
+}
+
+/// Progress of a long startup step (restoring connections, recovering
+/// workers): each [`StartupProgress::step`] tells systemd, with
+/// `EXTEND_TIMEOUT_USEC=`, that the start goes on for [`Self::EXTENSION`]
+/// more. Only progress extends: a step that hangs lets `TimeoutStartSec=`
+/// fire, so the units can keep it tight. At most one message per
+/// [`Self::MIN_INTERVAL`]; nothing once `health` is ready (the start is over).
+#[derive(Debug, Clone)]
+pub struct StartupProgress {
+    health: Option<Health>,
+    last: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl StartupProgress {
+    /// How much longer each step lets the start take.
+    pub const EXTENSION: Duration = Duration::from_secs(20);
+    /// Steps closer together than this send one message.
+    pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
+
+    /// Progress reported while `health` is not yet ready.
+    pub fn new(health: &Health) -> Self {
+        Self {
+            health: Some(health.clone()),
+            last: Default::default(),
+        }
+    }
+
+    /// Reports nothing (the same work done later, on request).
+    pub fn none() -> Self {
+        Self {
+            health: None,
+            last: Default::default(),
+        }
+    }
+
+    /// One step done (or begun): `status` says where the startup is.
+    pub fn step(&self, status: &str) {
+        let Some(h) = &self.health else { return };
+        if h.is_ready() {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_some_and(|t| now.duration_since(t) < Self::MIN_INTERVAL) {
+            return;
+        }
+        *last = Some(now);
+        tracing::debug!(status, "startup progress: extending the start timeout");
+        Notifier.extend_timeout(Self::EXTENSION, status);
     }
 }
 

@@ -1,6 +1,14 @@
 //! The two faces of every service — gRPC (h2c) and HTTP — on sockets bound
-//! before anything else (so a port conflict fails the start at once), and
-//! their graceful drain on shutdown.
+//! before anything else (so a port conflict fails the start at once), or
+//! taken from systemd (socket activation), and their graceful drain on
+//! shutdown.
+//!
+//! Socket activation: systemd holds the listeners (`virtufin-<service>-http.socket`
+//! and `-grpc.socket`, `FileDescriptorName=http` / `grpc`) across restarts
+//! of the service, so a client connecting while the service restarts waits
+//! in the listen backlog instead of being refused. A socket-activated
+//! service starts accepting only once it is ready (see [`start`]), so no
+//! call is ever answered by a half-started service.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -20,13 +28,23 @@ pub enum ServeError {
     Grpc(String),
     #[error("invalid reflection descriptors: {0}")]
     Reflection(String),
+    #[error("socket activation: {0}")]
+    Activation(String),
 }
+
+/// `FileDescriptorName=` of the HTTP socket unit.
+pub const FD_NAME_HTTP: &str = "http";
+/// `FileDescriptorName=` of the gRPC socket unit.
+pub const FD_NAME_GRPC: &str = "grpc";
 
 /// A service's sockets.
 #[derive(Debug)]
 pub struct Listeners {
     pub http: Vec<TcpListener>,
     pub grpc: TcpListener,
+    /// Passed by systemd (socket activation) rather than bound here: the
+    /// servers then accept only once the service is ready.
+    pub activated: bool,
 }
 
 impl Listeners {
@@ -53,7 +71,94 @@ impl Listeners {
         Ok(Self {
             http: out,
             grpc: listener,
+            activated: false,
         })
+    }
+
+    /// The listeners systemd passed (`LISTEN_FDS`/`LISTEN_FDNAMES`), or,
+    /// when it passed none (`virtufin up`, tests, a plain run), the given
+    /// addresses bound here. The passed sockets win over the addresses:
+    /// the socket units say where the service listens.
+    pub async fn from_systemd_or_bind(
+        http: &[SocketAddr],
+        grpc: SocketAddr,
+    ) -> Result<Self, ServeError> {
+        match Self::from_systemd()? {
+            Some(l) => {
+                let (h, g) = (l.http_addrs(), l.grpc_addr());
+                tracing::info!(http = ?h, grpc = ?g, "socket-activated: listening on the sockets systemd passed");
+                if g != Some(grpc) || h.iter().any(|a| !http.contains(a)) {
+                    tracing::info!(configured_http = ?http, configured_grpc = %grpc, "the socket units' addresses differ from the configured ones; the socket units win");
+                }
+                Ok(l)
+            }
+            None => Self::bind(http, grpc).await,
+        }
+    }
+
+    /// The listeners systemd passed, if any: every socket named `http` (at
+    /// least one) and exactly one named `grpc`.
+    pub fn from_systemd() -> Result<Option<Self>, ServeError> {
+        let err = |m: String| ServeError::Activation(m);
+        // sd_notify reads the names (and marks the descriptors
+        // close-on-exec, so workers do not inherit them); listenfd turns
+        // each descriptor into a listener after checking it is a TCP
+        // listening socket.
+        let names: Vec<String> = sd_notify::listen_fds_with_names()
+            .map_err(|e| err(format!("LISTEN_FDS/LISTEN_FDNAMES: {e}")))?
+            .map(|(_, name)| name)
+            .collect();
+        if names.is_empty() {
+            return Ok(None);
+        }
+        let mut fds = listenfd::ListenFd::from_env();
+        let mut http = Vec::new();
+        let mut grpc = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let std = fds
+                .take_tcp_listener(i)
+                .map_err(|e| err(format!("descriptor {} ('{name}'): {e}", i + 3)))?
+                .ok_or_else(|| err(format!("descriptor {} ('{name}') was not passed", i + 3)))?;
+            std.set_nonblocking(true)
+                .map_err(|e| err(format!("descriptor {} ('{name}'): {e}", i + 3)))?;
+            let l = TcpListener::from_std(std)
+                .map_err(|e| err(format!("descriptor {} ('{name}'): {e}", i + 3)))?;
+            match name.as_str() {
+                FD_NAME_HTTP => http.push(l),
+                FD_NAME_GRPC => grpc.push(l),
+                other => {
+                    return Err(err(format!(
+                        "systemd passed a socket named '{other}'; the socket units must name theirs \
+                         FileDescriptorName={FD_NAME_HTTP} or FileDescriptorName={FD_NAME_GRPC}"
+                    )));
+                }
+            }
+        }
+        if http.is_empty() {
+            return Err(err(format!(
+                "systemd passed sockets ({}) but none named '{FD_NAME_HTTP}': is the -http.socket unit listed in the service's Sockets=?",
+                names.join(", ")
+            )));
+        }
+        let grpc = match (grpc.pop(), grpc.is_empty()) {
+            (Some(g), true) => g,
+            (Some(_), false) => {
+                return Err(err(format!(
+                    "systemd passed more than one socket named '{FD_NAME_GRPC}'; give the -grpc.socket unit one ListenStream="
+                )));
+            }
+            (None, _) => {
+                return Err(err(format!(
+                    "systemd passed sockets ({}) but none named '{FD_NAME_GRPC}': is the -grpc.socket unit listed in the service's Sockets=?",
+                    names.join(", ")
+                )));
+            }
+        };
+        Ok(Some(Self {
+            http,
+            grpc,
+            activated: true,
+        }))
     }
 
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
@@ -128,11 +233,19 @@ pub struct Servers {
 }
 
 /// Starts serving; both stop accepting when `shutdown` is cancelled.
+///
+/// With `accept_when_ready` (socket-activated listeners) nothing is
+/// accepted before `health` is first ready: connections wait in the
+/// kernel's backlog meanwhile, so a client is neither refused nor answered
+/// by a half-started service (systemd's socket-activation contract). Bound
+/// here (`virtufin up`, tests) the service accepts at once and answers
+/// "not ready yet" itself, as before.
 pub fn start<L>(
     grpc: tonic::transport::server::Router<L>,
     grpc_listener: TcpListener,
     http: axum::Router,
     http_listeners: Vec<TcpListener>,
+    accept_when_ready: Option<crate::Health>,
     shutdown: &CancellationToken,
 ) -> Servers
 where
@@ -154,15 +267,37 @@ where
     let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)));
-    let grpc = tokio::spawn(
-        grpc.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned()),
-    );
+    let gate = |health: Option<crate::Health>, s: CancellationToken| async move {
+        let Some(h) = health else { return true };
+        tokio::select! {
+            _ = s.cancelled() => false,
+            _ = h.wait_ready() => true,
+        }
+    };
+    let grpc = {
+        let (g, s) = (
+            gate(accept_when_ready.clone(), shutdown.clone()),
+            shutdown.clone(),
+        );
+        tokio::spawn(async move {
+            if !g.await {
+                return Ok(());
+            }
+            tracing::info!("ready: accepting gRPC connections");
+            grpc.serve_with_incoming_shutdown(incoming, s.cancelled_owned())
+                .await
+        })
+    };
     let http = http_listeners
         .into_iter()
         .map(|l| {
             tracing::info!(addr = ?l.local_addr().ok(), "HTTP listening");
             let (r, s) = (http.clone(), shutdown.clone());
+            let g = gate(accept_when_ready.clone(), shutdown.clone());
             tokio::spawn(async move {
+                if !g.await {
+                    return Ok(());
+                }
                 axum::serve(l, r)
                     .with_graceful_shutdown(s.cancelled_owned())
                     .await

@@ -70,6 +70,9 @@ pub struct Conn {
     pub stop: CancellationToken,
     /// True once the actor has finished.
     pub finished: watch::Sender<bool>,
+    /// The vanished instance this one took the connection over from; said
+    /// once, in the first `connected` event (`reclaimed_from`).
+    pub reclaimed_from: Mutex<Option<String>>,
 }
 
 impl Conn {
@@ -92,6 +95,7 @@ impl Conn {
             pending: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
             finished: watch::Sender::new(false),
+            reclaimed_from: Mutex::new(None),
         });
         (conn, rx)
     }
@@ -207,7 +211,16 @@ pub async fn run(
             Ok(ws) => {
                 conn.status.send_replace(Status::Connected);
                 shared.persist(&conn).await;
-                shared.lifecycle(&conn, "connected", Map::new()).await;
+                let mut extra = Map::new();
+                if let Some(from) = conn
+                    .reclaimed_from
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                {
+                    extra.insert("reclaimed_from".into(), from.into());
+                }
+                shared.lifecycle(&conn, "connected", extra).await;
                 if let Some(f) = first.take() {
                     let _ = f.send(FirstAttempt {
                         status: Status::Connected,

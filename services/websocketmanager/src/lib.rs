@@ -37,9 +37,11 @@ pub enum RunError {
     Serve(#[from] serve::ServeError),
 }
 
-/// Binds the service's sockets.
+/// The service's sockets: those systemd passed (socket activation), or
+/// bound here before anything else, so that a port conflict fails the
+/// start at once.
 pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
-    Ok(Listeners::bind(&config.http_addrs(), config.grpc_addr()).await?)
+    Ok(Listeners::from_systemd_or_bind(&config.http_addrs(), config.grpc_addr()).await?)
 }
 
 const GRPC_SERVICES: &[&str] = &["virtufin.websocketmanager.v1.WebSocketManager"];
@@ -72,6 +74,16 @@ pub async fn run(
         "virtufin-websocketmanager",
         shutdown.clone(),
     ));
+    // SIGHUP (systemctl reload): the log filter.
+    tasks.spawn(
+        virtufin_common::reload::on_sighup(
+            "virtufin-websocketmanager",
+            virtufin_common::reload::common_parts(),
+            health.clone(),
+            shutdown.clone(),
+        )
+        .map_err(|e| RunError::Config(format!("cannot install the SIGHUP handler: {e}")))?,
+    );
     let (reporter, std_health) = tonic_health::server::health_reporter();
     tasks.spawn(virtufin_common::grpc_health::follow(
         reporter,
@@ -91,6 +103,7 @@ pub async fn run(
         listeners.grpc,
         http::router(shared.clone(), &health),
         listeners.http,
+        listeners.activated.then(|| health.clone()),
         &shutdown,
     );
 
@@ -118,6 +131,7 @@ pub async fn run(
     }
     tasks.spawn(startup(
         shared.clone(),
+        health.clone(),
         api_check,
         state_check,
         restore_check,
@@ -142,6 +156,7 @@ pub async fn run(
 /// this instance's connections; then heartbeat and reclaim forever.
 async fn startup(
     shared: Arc<manager::Shared>,
+    health: Health,
     api_check: virtufin_common::Check,
     state_check: virtufin_common::Check,
     restore_check: virtufin_common::Check,
@@ -162,8 +177,9 @@ async fn startup(
             }
         }
     }
+    let progress = virtufin_common::notify::StartupProgress::new(&health);
     loop {
-        match shared.restore().await {
+        match shared.restore(&progress).await {
             Ok(n) => {
                 restore_check.pass(format!("{n} connection(s) restored"));
                 break;

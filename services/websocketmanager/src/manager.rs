@@ -172,6 +172,7 @@ impl Shared {
         self: &Arc<Self>,
         rec: &Record,
         first: Option<oneshot::Sender<FirstAttempt>>,
+        reclaimed_from: Option<String>,
     ) -> Arc<Conn> {
         let (conn, rx) = Conn::new(
             rec.id.clone(),
@@ -180,6 +181,10 @@ impl Shared {
             rec.created_at.clone(),
             rec.topic.clone(),
         );
+        *conn
+            .reclaimed_from
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = reclaimed_from;
         self.conns().insert(rec.id.clone(), conn.clone());
         let (shared, c) = (self.clone(), conn.clone());
         self.tasks.spawn(async move {
@@ -226,7 +231,7 @@ impl Shared {
             status: Status::Connecting.as_str().to_owned(),
         };
         let (tx, rx) = oneshot::channel();
-        let conn = self.spawn(&rec, Some(tx));
+        let conn = self.spawn(&rec, Some(tx), None);
         let first = rx.await.unwrap_or(FirstAttempt {
             status: Status::Disconnected,
             error: Some("the service is shutting down".into()),
@@ -437,8 +442,13 @@ impl Shared {
         }
     }
 
-    /// Re-establishes this instance's connections; returns how many.
-    pub async fn restore(self: &Arc<Self>) -> Result<usize, ApiError> {
+    /// Re-establishes this instance's connections; returns how many. Each
+    /// connection's first attempt done is a `progress` step (a restore of
+    /// many connections extends systemd's start timeout as it goes).
+    pub async fn restore(
+        self: &Arc<Self>,
+        progress: &virtufin_common::notify::StartupProgress,
+    ) -> Result<usize, ApiError> {
         let mine: Vec<Record> = self
             .records()
             .await?
@@ -447,14 +457,17 @@ impl Shared {
             .filter(|r| r.instance_id == self.instance && r.status != Status::Disconnected.as_str())
             .filter(|r| self.local(&r.id).is_none())
             .collect();
+        let total = mine.len();
+        progress.step(&format!("restoring {total} connection(s)"));
         let mut waits = Vec::new();
         for rec in &mine {
             let (tx, rx) = oneshot::channel();
-            self.spawn(rec, Some(tx));
+            self.spawn(rec, Some(tx), None);
             waits.push(rx);
         }
-        for w in waits {
+        for (i, w) in waits.into_iter().enumerate() {
             let _ = w.await;
+            progress.step(&format!("restoring connections: {}/{total}", i + 1));
         }
         if !mine.is_empty() {
             tracing::info!(count = mine.len(), "connections restored");
@@ -503,7 +516,7 @@ impl Shared {
             match self.api.save(SERVICE, key, &json, &etag).await {
                 Ok(_) => {
                     tracing::info!(connection = %rec.id, from = %from, "reclaimed a connection of a vanished instance");
-                    self.spawn(&rec, None);
+                    self.spawn(&rec, None, Some(from));
                     taken += 1;
                 }
                 Err(e) => {

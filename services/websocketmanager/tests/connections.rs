@@ -491,10 +491,16 @@ async fn connections_of_a_vanished_instance_are_reclaimed() {
         )
         .await
         .unwrap();
+    let mut status = subscribe(&api.client, STATUS, "reclaim-watch").await;
     let mut cfg = wsm_config(api.addr, "heir");
     cfg.reclaim_interval = Duration::from_millis(100);
     cfg.reclaim_after = Duration::from_millis(300);
     let wsm = Wsm::start_with(cfg).await;
+    // The take-over says so: the first `connected` names the old owner.
+    let (kind, data) = next_lifecycle(&mut status, "ghost-1").await;
+    assert_eq!(kind, "connected", "{data}");
+    assert_eq!(data["instance_id"], "heir", "{data}");
+    assert_eq!(data["reclaimed_from"], "ghost", "{data}");
     let mut c = wsm.client().await;
     wait_until(|| {
         let mut c = c.clone();

@@ -48,6 +48,11 @@ fn info(r: Record) -> pb::WorkerInfo {
         status: status as i32,
         config: r.config.into_iter().collect(),
         tags: r.tags.into_iter().collect(),
+        instances: if r.instances.is_empty() && status == pb::WorkerStatus::Running {
+            vec![r.instance_id]
+        } else {
+            r.instances.into_iter().collect()
+        },
     }
 }
 

@@ -37,8 +37,11 @@ pub enum RunError {
     Serve(#[from] serve::ServeError),
 }
 
+/// The service's sockets: those systemd passed (socket activation), or
+/// bound here before anything else, so that a port conflict fails the
+/// start at once.
 pub async fn bind(config: &Config) -> Result<Listeners, RunError> {
-    Ok(Listeners::bind(&config.http_addrs(), config.grpc_addr()).await?)
+    Ok(Listeners::from_systemd_or_bind(&config.http_addrs(), config.grpc_addr()).await?)
 }
 
 const GRPC_SERVICES: &[&str] = &["virtufin.workmanager.v1.WorkManager"];
@@ -64,6 +67,16 @@ pub async fn run(
 
     let tasks = tokio_util::task::TaskTracker::new();
     tasks.spawn(Notifier.follow(health.clone(), "virtufin-workmanager", shutdown.clone()));
+    // SIGHUP (systemctl reload): the log filter.
+    tasks.spawn(
+        virtufin_common::reload::on_sighup(
+            "virtufin-workmanager",
+            virtufin_common::reload::common_parts(),
+            health.clone(),
+            shutdown.clone(),
+        )
+        .map_err(|e| RunError::Config(format!("cannot install the SIGHUP handler: {e}")))?,
+    );
     let (reporter, std_health) = tonic_health::server::health_reporter();
     tasks.spawn(virtufin_common::grpc_health::follow(
         reporter,
@@ -82,6 +95,7 @@ pub async fn run(
         listeners.grpc,
         http::router(shared.clone(), &health),
         listeners.http,
+        listeners.activated.then(|| health.clone()),
         &shutdown,
     );
 
@@ -96,10 +110,11 @@ pub async fn run(
     ));
     {
         let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        let progress = virtufin_common::notify::StartupProgress::new(&health);
         tasks.spawn(async move {
             tokio::select! { _ = shutdown.cancelled() => return, _ = api_check.wait_passing() => {} }
             loop {
-                match shared.recover().await {
+                match shared.recover_with(&progress).await {
                     Ok(n) => {
                         recovery_check.pass(format!("{n} worker(s) recovered"));
                         return;

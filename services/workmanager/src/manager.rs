@@ -4,7 +4,7 @@
 //! to `workmanager.workerstatus`.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -50,7 +50,24 @@ pub struct Record {
     pub tags: BTreeMap<String, String>,
     /// Code versions, oldest first: (created_at, sha256).
     pub history: Vec<(String, String)>,
+    /// The instance that created or last started it.
     pub instance_id: String,
+    /// The instances running it (several hosts may run one worker: members
+    /// of its group). Absent in records written before there could be more
+    /// than one; there `status` and `instance_id` say it.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub instances: BTreeSet<String>,
+}
+
+impl Record {
+    /// Whether `instance` runs this worker (and so recovers it).
+    fn runs_on(&self, instance: &str) -> bool {
+        if self.instances.is_empty() {
+            self.status == "running" && self.instance_id == instance
+        } else {
+            self.instances.contains(instance)
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -210,6 +227,27 @@ impl Shared {
                 )
             }),
             None => Err(ApiError::not_found(format!("worker {id} not found"))),
+        }
+    }
+
+    /// Changes a record with its etag, again from a fresh read when another
+    /// instance wrote it meanwhile (instances on several hosts start and
+    /// stop one worker).
+    async fn modify(&self, id: &str, mut f: impl FnMut(&mut Record)) -> Result<Record, ApiError> {
+        let mut attempts = 0;
+        loop {
+            let (mut rec, etag) = self.load(id).await?;
+            f(&mut rec);
+            let json = serde_json::to_string(&rec).map_err(|e| ApiError::invalid(e.to_string()))?;
+            match self.api.save(SERVICE, &worker_key(id), &json, &etag).await {
+                Ok(_) => return Ok(rec),
+                Err(ClientError::Status(s))
+                    if s.code() == tonic::Code::Aborted && attempts < 20 =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(client_error(e)),
+            }
         }
     }
 
@@ -481,6 +519,7 @@ impl Shared {
             tags: tags.into_iter().collect(),
             history: vec![(created_at, sha256_hex(&code))],
             instance_id: self.instance.clone(),
+            instances: BTreeSet::new(),
         };
         self.save(&rec).await?;
         self.update_index(&id, true).await?;
@@ -491,7 +530,7 @@ impl Shared {
     }
 
     pub async fn start(self: &Arc<Self>, id: &str, by: &Origin) -> Result<(), ApiError> {
-        let (mut rec, _) = self.load(id).await?;
+        let (rec, _) = self.load(id).await?;
         let code = self.code(id, rec.history.len().saturating_sub(1)).await?;
         let spec = WorkerSpec {
             id: id.to_owned(),
@@ -516,27 +555,41 @@ impl Shared {
             }
             running.insert(id.to_owned(), Running::start(self.clone(), spec));
         }
-        rec.status = "running".into();
-        rec.instance_id = self.instance.clone();
-        self.save(&rec).await?;
+        let instance = self.instance.clone();
+        let rec = self
+            .modify(id, |r| {
+                r.status = "running".into();
+                r.instance_id = instance.clone();
+                r.instances.insert(instance.clone());
+            })
+            .await?;
         tracing::info!(target: "audit", caller = %by.caller, correlation_id = %by.correlation_id, worker = %id, mime_type = %rec.mime_type, action = "start", "worker started");
         self.lifecycle("started", id, &rec.group, &rec.topic, Map::new())
             .await;
         Ok(())
     }
 
+    /// Stops the worker on this instance; it stays "running" while another
+    /// instance runs it.
     pub async fn stop(&self, id: &str, by: &Origin) -> Result<(), ApiError> {
-        let (mut rec, _) = self.load(id).await?;
+        let (rec, _) = self.load(id).await?;
         let running = self.running.lock().await.remove(id);
         if let Some(r) = running {
             r.stop().await;
             self.lifecycle("stopped", id, &rec.group, &rec.topic, Map::new())
                 .await;
         }
-        if rec.status != "stopped" {
-            rec.status = "stopped".into();
-            self.save(&rec).await?;
-        }
+        let instance = self.instance.clone();
+        let rec = self
+            .modify(id, |r| {
+                r.instances.remove(&instance);
+                let others =
+                    !r.instances.is_empty() || (r.status == "running" && r.instance_id != instance);
+                if !others {
+                    r.status = "stopped".into();
+                }
+            })
+            .await?;
         tracing::info!(target: "audit", caller = %by.caller, correlation_id = %by.correlation_id, worker = %id, mime_type = %rec.mime_type, action = "stop", "worker stopped");
         Ok(())
     }
@@ -626,17 +679,34 @@ impl Shared {
     /// Restores and restarts the workers this instance owned, holding the
     /// recovery lease so that one instance recovers at a time.
     pub async fn recover(self: &Arc<Self>) -> Result<usize, ApiError> {
+        self.recover_with(&virtufin_common::notify::StartupProgress::none())
+            .await
+    }
+
+    /// [`Self::recover`], each worker started (and each wait for another
+    /// instance's lease) a `progress` step: a recovery of many workers
+    /// extends systemd's start timeout as it goes.
+    pub async fn recover_with(
+        self: &Arc<Self>,
+        progress: &virtufin_common::notify::StartupProgress,
+    ) -> Result<usize, ApiError> {
         let by = Origin::internal("recovery");
-        let lease_etag = self.acquire_lease().await?;
+        let lease_etag = self.acquire_lease(progress).await?;
         let result = async {
             let mut n = 0;
-            for rec in self.list().await? {
-                if rec.status == "running"
-                    && rec.instance_id == self.instance
-                    && !self.running.lock().await.contains_key(&rec.id)
-                {
+            let mine: Vec<_> = self
+                .list()
+                .await?
+                .into_iter()
+                .filter(|rec| rec.runs_on(&self.instance))
+                .collect();
+            let total = mine.len();
+            progress.step(&format!("recovering {total} worker(s)"));
+            for rec in mine {
+                if !self.running.lock().await.contains_key(&rec.id) {
                     self.start(&rec.id, &by).await?;
                     n += 1;
+                    progress.step(&format!("recovering workers: {n}/{total} started"));
                 }
             }
             Ok::<_, ApiError>(n)
@@ -649,7 +719,10 @@ impl Shared {
         result
     }
 
-    async fn acquire_lease(&self) -> Result<String, ApiError> {
+    async fn acquire_lease(
+        &self,
+        progress: &virtufin_common::notify::StartupProgress,
+    ) -> Result<String, ApiError> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let lease = Lease {
@@ -685,6 +758,9 @@ impl Shared {
                     "another instance holds the recovery lease",
                 ));
             }
+            // Waiting for another instance's recovery is bounded by the
+            // deadline above, so it may extend the start.
+            progress.step("recovery: waiting for another instance's recovery lease");
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }

@@ -162,6 +162,23 @@ pub fn answer_event(input: &Value, answer: &Value) -> Result<PublishEventRequest
 
 type Inbound = tonic::Streaming<pb::SubscribeTopicEventsResponse>;
 
+/// The worker's consumer name in its group: one per worker and instance, so
+/// that instances on several hosts running the same worker are distinct
+/// members of its group (a shared name would share one pending list, and a
+/// restarting instance would take over events another host has in hand).
+/// Characters the api does not accept in a name become `-`.
+fn subscriber_name(worker: &str, instance: &str) -> String {
+    let mut name = format!("worker-{worker}:");
+    name.extend(instance.chars().map(|c| {
+        if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-') {
+            c
+        } else {
+            '-'
+        }
+    }));
+    name.chars().take(128).collect()
+}
+
 async fn open(
     shared: &Shared,
     spec: &WorkerSpec,
@@ -170,7 +187,7 @@ async fn open(
     let initial = SubscribeTopicEventsRequest {
         subscribe_topic_events_request_type: Some(Req::InitialRequest(pb::SubscribeRequest {
             topic: spec.topic.clone(),
-            subscriber: format!("worker-{}", spec.id),
+            subscriber: subscriber_name(&spec.id, &shared.instance),
             group: spec.group.clone(),
         })),
     };
@@ -328,5 +345,21 @@ fn give_up_or_retry(shared: &Shared, attempts: &mut HashMap<String, u32>, id: &s
         EventStatus::Drop
     } else {
         EventStatus::Retry
+    }
+}
+
+#[cfg(test)]
+mod subscriber_name_tests {
+    use super::subscriber_name;
+
+    #[test]
+    fn names_are_per_instance_and_valid() {
+        assert_eq!(subscriber_name("w1", "host-a"), "worker-w1:host-a");
+        assert_ne!(
+            subscriber_name("w1", "host-a"),
+            subscriber_name("w1", "host-b")
+        );
+        assert_eq!(subscriber_name("w1", "a b/c@d"), "worker-w1:a-b-c-d");
+        assert_eq!(subscriber_name("w1", &"x".repeat(300)).len(), 128);
     }
 }

@@ -23,6 +23,11 @@ pub struct Stack {
 }
 
 pub async fn stack() -> Stack {
+    stack_with(|_| {}).await
+}
+
+/// The stack with the api's configuration changed by `tweak`.
+pub async fn stack_with(tweak: impl FnOnce(&mut virtufin_api::Config)) -> Stack {
     let valkey = ValkeyServer::start();
     let mut c = virtufin_api::Config::defaults();
     c.http_urls = virtufin_api::config::ListenUrls(vec!["127.0.0.1:0".parse().unwrap()]);
@@ -32,6 +37,7 @@ pub async fn stack() -> Stack {
     c.processing_timeout = Duration::from_millis(500);
     c.reclaim_interval = Duration::from_millis(100);
     c.retry_delay = Duration::from_millis(50);
+    tweak(&mut c);
     let listeners = virtufin_api::bind(&c).await.unwrap();
     let api_addr = listeners.grpc_addr().unwrap();
     let state = tempfile::tempdir().unwrap();
