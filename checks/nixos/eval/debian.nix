@@ -86,7 +86,7 @@
   rendered = lib.mapAttrs' (file: _:
     lib.nameValuePair "${lib.removeSuffix ".json" file}.yaml"
     (builtins.fromJSON (builtins.replaceStrings (map (s: s.placeholder) substitutions) (map (s: varValue s.variable) substitutions)
-      (read "packaging/dapr/resources/${file}"))))
+        (read "packaging/dapr/resources/${file}"))))
   (lib.filterAttrs (f: _: lib.hasSuffix ".json" f) (builtins.readDir (repo + "/packaging/dapr/resources")));
 
   # --- [Service] ------------------------------------------------------------
