@@ -404,13 +404,24 @@ in {
           )
         ];
         before = ["virtufin-api.service"];
-        environment.HOME = "/run/virtufin-daprd";
+        environment = {
+          HOME = "/run/virtufin-daprd";
+          # The address daprd would otherwise look up with a UDP "connection"
+          # to 8.8.8.8 and then netlink, which the sandbox forbids: on a host
+          # without a default route daprd exits ("failed to determine host
+          # address"). It only listens on 127.0.0.1 anyway.
+          DAPR_HOST_IP = "127.0.0.1";
+        };
         serviceConfig = {
           Type = "exec";
           ExecStart = lib.concatStringsSep " " daprdArgs;
           ExecStartPre = optional (secretNames != []) daprdValkeySecrets;
           ExecStartPost = daprdHealthy;
           Restart = "on-failure";
+          # Straight back to activating (systemd >= 254): a crash of daprd
+          # does not stop and restart the api, which Requires= it; the api
+          # reports not ready until daprd answers again.
+          RestartMode = "direct";
           RestartSec = "1s";
           TimeoutStartSec = "90s";
           TimeoutStopSec = "20s";

@@ -93,47 +93,7 @@
     }) (lib.filter (s: s != "api" && runs s) all));
 
   # --- reading unit texts ------------------------------------------------
-  # [{section, key, value}] of a unit file's text.
-  parse = text:
-    (lib.foldl' (acc: line: let
-      header = builtins.match "[[](.*)[]]" line;
-      kv = builtins.match "([A-Za-z0-9_-]+)=(.*)" line;
-    in
-      if header != null
-      then acc // {section = builtins.head header;}
-      else if kv != null
-      then
-        acc
-        // {
-          entries =
-            acc.entries
-            ++ [
-              {
-                inherit (acc) section;
-                key = builtins.elemAt kv 0;
-                value = builtins.elemAt kv 1;
-              }
-            ];
-        }
-      else acc) {
-      section = null;
-      entries = [];
-    } (lib.filter (l: l != "" && !(lib.hasPrefix "#" l)) (lib.splitString "\n" text)))
-    .entries;
-  values = entries: section: key: map (e: e.value) (lib.filter (e: e.section == section && e.key == key) entries);
-  value = entries: section: key: let
-    v = values entries section key;
-  in
-    if v == []
-    then null
-    else lib.last v;
-  words = entries: section: key: lib.concatMap (lib.splitString " ") (values entries section key);
-  # Environment="NAME=value" (NixOS writes it JSON-quoted).
-  environment = entries:
-    lib.listToAttrs (map (v: let
-      kv = builtins.match "([^=]*)=(.*)" (fromJSON v);
-    in
-      lib.nameValuePair (builtins.elemAt kv 0) (builtins.elemAt kv 1)) (values entries "Service" "Environment"));
+  inherit (import ./unitfile.nix {inherit lib;}) parse values value words environment;
 
   unit = name: r.units.${name} or null;
   storeFile = path:
@@ -440,7 +400,12 @@
         CapabilityBoundingSet = "";
         RuntimeDirectory = "virtufin-daprd";
         UMask = "0077";
+        # A crash of daprd must not stop and restart the api (Requires=).
+        RestartMode = "direct";
       })
+      # Without it, daprd exits in the sandbox on a host without a default
+      # route (its host address lookup needs netlink).
+      ++ same "virtufin-daprd.service Environment DAPR_HOST_IP" "127.0.0.1" ((environment d).DAPR_HOST_IP or null)
       ++ check {
         what = "daprd's binary";
         expected = "/nix/store/…/bin/daprd";

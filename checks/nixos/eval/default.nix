@@ -33,6 +33,12 @@
     inherit render check;
   };
 
+  # The Debian package's virtufin-daprd.service against the module's.
+  debian = import ./debian.nix {
+    inherit lib repo;
+    nixos = configurations."stack/dapr";
+  };
+
   # A case whose evaluation throws (an option of a wrong type, say) is a
   # failure of its own; run.sh evaluates it again alone to show the error.
   result = name: let
@@ -54,6 +60,7 @@ in {
   report = {
     cases = map (c: result c.name) cases;
     flake = flakeChecks.report;
+    inherit debian;
     sources =
       map (s: "${
         if s.real

@@ -66,6 +66,10 @@ if ! evaluate --json -A report checks/nixos/eval >"$work/report.json" 2>"$work/s
     echo "FAIL flake.nix outputs:" >&2
     echo "$out" >&2
   fi
+  if ! out=$(evaluate --json -A report.debian checks/nixos/eval 2>&1 >/dev/null); then
+    echo "FAIL the Debian package's virtufin-daprd.service (checks/nixos/eval/debian.nix):" >&2
+    echo "$out" >&2
+  fi
   exit 1
 fi
 elapsed=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$start" "$(date +%s.%N)")
@@ -95,9 +99,16 @@ if flake:
         print("     " + f.replace("\n", "\n     "))
 else:
     print("ok   flake.nix outputs (packages, overlays, nixosModules, checks incl. the nixos-chain tests' node and testScript, devShells, formatter)")
+if report["debian"]:
+    failed += 1
+    print("FAIL the Debian package's virtufin-daprd.service against the module's (stack/dapr)")
+    for f in report["debian"]:
+        print("     " + f.replace("\n", "\n     "))
+else:
+    print("ok   the Debian package's virtufin-daprd.service, its components and the api's drop-in are shaped as the module's (stack/dapr)")
 print("     NixOS files: real nixpkgs systemd.nix, redis.nix, assertions.nix, meta.nix, utils.nix, systemd-lib; "
       + "; ".join(report["sources"]))
-n = len(report["cases"]) + 1
+n = len(report["cases"]) + 2
 print(f"== NixOS evaluation: {n - failed} of {n} passed in {sys.argv[2]} s (evaluated only: nothing built, no VM run)")
 sys.exit(1 if failed else 0)
 PY

@@ -32,7 +32,7 @@
 //! - sets (registered keys) are JSON lists in state with etag retries.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     sync::Arc,
     time::Duration,
 };
@@ -148,9 +148,22 @@ fn with_key(e: StoreError, key: &str) -> StoreError {
 /// trip and a pub/sub round trip.
 pub async fn connect(options: DaprOptions) -> Result<Backend> {
     let store = Arc::new(DaprStore::new(options)?);
-    store.healthz().await?;
-    store.state_round_trip().await?;
-    store.pubsub_round_trip().await?;
+    let proved = async {
+        store.healthz().await?;
+        store.state_round_trip().await?;
+        store.pubsub_round_trip().await
+    }
+    .await;
+    if let Err(e) = proved {
+        // A failed attempt must not leave its topic streams behind: a hub
+        // task holds the store, and so the map holding its own handle, and
+        // would run for good; pubsub.redis hands each event to one of
+        // daprd's streams, so a stream nobody reads takes the next
+        // attempts' probe events and the api never becomes ready (seen in
+        // the chain test after daprd was frozen and thawed).
+        store.hubs.lock().await.clear();
+        return Err(e);
+    }
     Ok(Backend {
         kind: "dapr",
         state: store.clone(),
@@ -228,21 +241,39 @@ impl DaprStore {
             subscriber: format!("probe-{}", uuid::Uuid::new_v4()),
         };
         let mut sub = self.subscribe(spec).await?;
-        let id = uuid::Uuid::new_v4().to_string();
-        let ce = serde_json::json!({"specversion":"1.0","id":id,"source":"virtufin-api","type":"com.virtufin.api.health","datacontenttype":"text/plain","data":"probe"});
-        let bytes = serde_json::to_vec(&ce).map_err(|e| StoreError::Backend(e.to_string()))?;
-        self.publish("virtufin.api.health", &bytes).await?;
+        // A probe can be taken by a daprd stream of this topic that is
+        // ending (the previous api's, or an earlier attempt's): pubsub.redis
+        // keeps reading for it a while, answers "subscription is closed" and
+        // acknowledges the event. One lost probe must not fail the attempt
+        // (each failed attempt would end a stream that takes the next
+        // attempt's probe), so a new one goes out every PROBE_REPEAT until
+        // one of them comes back.
+        let mut sent = HashSet::new();
+        let mut repeat = tokio::time::interval(PROBE_REPEAT);
         let wait = async {
-            while let Some(d) = sub.next().await {
-                let d = d?;
-                sub.settle(&d.entry_id, Outcome::Success);
-                if d.entry_id == id {
-                    return Ok(());
+            loop {
+                tokio::select! {
+                    _ = repeat.tick() => {
+                        let id = uuid::Uuid::new_v4().to_string();
+                        let ce = serde_json::json!({"specversion":"1.0","id":id,"source":"virtufin-api","type":"com.virtufin.api.health","datacontenttype":"text/plain","data":"probe"});
+                        let bytes = serde_json::to_vec(&ce).map_err(|e| StoreError::Backend(e.to_string()))?;
+                        self.publish("virtufin.api.health", &bytes).await?;
+                        sent.insert(id);
+                    }
+                    d = sub.next() => {
+                        let Some(d) = d else {
+                            return Err(StoreError::Unavailable(
+                                "the probe subscription ended".into(),
+                            ));
+                        };
+                        let d = d?;
+                        sub.settle(&d.entry_id, Outcome::Success);
+                        if sent.contains(&d.entry_id) {
+                            return Ok(());
+                        }
+                    }
                 }
             }
-            Err(StoreError::Unavailable(
-                "the probe subscription ended".into(),
-            ))
         };
         let r = tokio::time::timeout(self.options.timeout, wait)
             .await
@@ -448,6 +479,9 @@ impl StateStore for DaprStore {
 /// The CloudEvent type that carries bytes which were not a CloudEvent
 /// themselves (base64, unwrapped again on delivery).
 const RAW_TYPE: &str = "com.virtufin.api.raw";
+
+/// How often the readiness probe publishes again while none came back.
+const PROBE_REPEAT: Duration = Duration::from_millis(500);
 
 fn is_cloudevent(data: &[u8]) -> bool {
     matches!(serde_json::from_slice::<Value>(data), Ok(Value::Object(m)) if m.contains_key("specversion"))
