@@ -661,6 +661,66 @@ async fn services_file_is_reloaded_and_a_broken_one_keeps_the_last_good() {
     assert_eq!(v["config"]["error"], Value::Null);
 }
 
+/// A server-streaming method that never ends (grpc.health.v1.Health/Watch
+/// here) called by Invoke, which collects the messages: the deadline ends
+/// the call with DEADLINE_EXCEEDED. Found by the `rest_api` fuzz target:
+/// the deadline only bounded the stream's opening, so the call (and the
+/// REST request) stayed open for good. InvokeStream with a timeout ends
+/// the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_that_never_ends_is_cut_at_the_deadline() {
+    let s = setup().await;
+    let c = s.client(Some(ADMIN_KEY));
+    let watch = pb::InvokeRequest {
+        service: "backendapi".into(),
+        method: "grpc.health.v1.Health/Watch".into(),
+        request_data: "{}".into(),
+        timeout_ms: 300,
+    };
+    // Only a guard against hanging for good (what the defect did).
+    let guard = Duration::from_secs(60);
+    let r = tokio::time::timeout(guard, c.gateway().invoke(watch.clone()))
+        .await
+        .expect("Invoke of a never-ending stream hung past its deadline")
+        .unwrap()
+        .into_inner();
+    assert!(!r.success, "{r:?}");
+    assert_eq!(r.status, "DEADLINE_EXCEEDED", "{r:?}");
+    assert!(
+        r.message.contains("InvokeStream"),
+        "says what to use: {r:?}"
+    );
+
+    let rest = tokio::time::timeout(
+        guard,
+        reqwest::Client::new()
+            .post(s.http("/v1/gateway/invoke"))
+            .header("x-api-key", ADMIN_KEY)
+            .json(&json!({"service": "backendapi", "method": "Watch", "requestData": "", "timeoutMs": 300}))
+            .send(),
+    )
+    .await
+    .expect("REST invoke of a never-ending stream hung")
+    .unwrap();
+    assert_eq!(rest.status(), 504, "{:?}", rest.text().await);
+
+    let mut stream = c.gateway().invoke_stream(watch).await.unwrap().into_inner();
+    let ended = tokio::time::timeout(guard, async {
+        let mut last = None;
+        while let Some(item) = stream.next().await {
+            last = Some(item);
+        }
+        last
+    })
+    .await
+    .expect("InvokeStream with a timeout never ended");
+    match ended {
+        Some(Err(e)) => assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}"),
+        Some(Ok(r)) => assert_eq!(r.status, "DEADLINE_EXCEEDED", "{r:?}"),
+        None => panic!("no message and no status"),
+    }
+}
+
 /// The ways operators change a file under a running service.
 #[derive(Debug, Clone, Copy)]
 enum Rewrite {

@@ -398,12 +398,28 @@ impl Gateway {
         let timeout = inv.timeout.unwrap_or(b.config.resilience.timeout());
         let caller = Tags::of(inv);
         if method.is_server_streaming() {
+            // The deadline bounds the whole collection here: the backend
+            // bounds only the opening by `grpc-timeout`, so a stream that
+            // never ends (Health/Watch, Subscribe) held the call forever.
+            let deadline = tokio::time::Instant::now() + timeout;
             let mut stream = b
                 .server_streaming(&method, msg, Some(timeout), caller)
                 .await
                 .map_err(GatewayError::Backend)?;
             let mut out = Vec::new();
-            while let Some(item) = stream.next().await {
+            loop {
+                let item = match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(item)) => item,
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(GatewayError::Backend(Status::deadline_exceeded(format!(
+                            "{} did not end its stream within {timeout:?} ({} messages so far); \
+                             use InvokeStream for streams that stay open",
+                            full_method_name(&method),
+                            out.len()
+                        ))));
+                    }
+                };
                 let m = item.map_err(GatewayError::Backend)?;
                 out.push(to_json_value(&m).map_err(GatewayError::Backend)?);
                 if out.len() >= MAX_COLLECTED {
@@ -437,8 +453,21 @@ impl Gateway {
                 .server_streaming(&method, msg, inv.timeout, caller)
                 .await
                 .map_err(GatewayError::Backend)?;
+            // A timeout the caller gave bounds the whole stream (the backend
+            // only bounds its opening).
+            let deadline = inv.timeout.map(|t| (tokio::time::Instant::now() + t, t));
             let pump = tokio::spawn(async move {
-                while let Some(item) = stream.next().await {
+                loop {
+                    let next = match deadline {
+                        Some((at, t)) => match tokio::time::timeout_at(at, stream.next()).await {
+                            Ok(next) => next,
+                            Err(_) => Some(Err(Status::deadline_exceeded(format!(
+                                "the stream did not end within {t:?}"
+                            )))),
+                        },
+                        None => stream.next().await,
+                    };
+                    let Some(item) = next else { return };
                     let out = item.and_then(|m| to_json(&m));
                     let end = out.is_err();
                     if tx.send(out).await.is_err() || end {
