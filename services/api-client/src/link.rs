@@ -67,8 +67,9 @@ impl LinkArgs {
                 .flatten()
         });
         let key = match &file {
-            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
-                format!("VIRTUFIN_API_KEY_FILE: cannot read {}: {e}", path.display())
+            // Settled: a key file being rewritten is not taken half-written.
+            Some(path) => Some(virtufin_common::file::read_settled(path).map_err(|e| {
+                format!("VIRTUFIN_API_KEY_FILE: {}: {}", path.display(), e.reason())
             })?),
             None => self.api_key.clone(),
         };

@@ -284,11 +284,14 @@ fn secret_file(
         },
     };
     let shown = format!("{} ({source})", path.display());
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("cannot read the {what} file {shown}: {e}"))?;
+    // Settled: a secret file being rewritten is not taken half-written;
+    // empty is refused there.
+    let text = virtufin_common::file::read_settled(&path).map_err(|e| match e {
+        virtufin_common::file::ReadError::Empty { .. } => {
+            format!("the {what} file {shown} is empty")
+        }
+        e => format!("cannot read the {what} file {shown}: {}", e.reason()),
+    })?;
     let secret = text.trim_ascii();
-    if secret.is_empty() {
-        return Err(format!("the {what} file {shown} is empty"));
-    }
     Ok(Some((secret.to_owned(), shown)))
 }

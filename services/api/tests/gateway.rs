@@ -661,6 +661,205 @@ async fn services_file_is_reloaded_and_a_broken_one_keeps_the_last_good() {
     assert_eq!(v["config"]["error"], Value::Null);
 }
 
+/// A server-streaming method that never ends (grpc.health.v1.Health/Watch
+/// here) called by Invoke, which collects the messages: the deadline ends
+/// the call with DEADLINE_EXCEEDED. Found by the `rest_api` fuzz target:
+/// the deadline only bounded the stream's opening, so the call (and the
+/// REST request) stayed open for good. InvokeStream with a timeout ends
+/// the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_that_never_ends_is_cut_at_the_deadline() {
+    let s = setup().await;
+    let c = s.client(Some(ADMIN_KEY));
+    let watch = pb::InvokeRequest {
+        service: "backendapi".into(),
+        method: "grpc.health.v1.Health/Watch".into(),
+        request_data: "{}".into(),
+        timeout_ms: 300,
+    };
+    // Only a guard against hanging for good (what the defect did).
+    let guard = Duration::from_secs(60);
+    let r = tokio::time::timeout(guard, c.gateway().invoke(watch.clone()))
+        .await
+        .expect("Invoke of a never-ending stream hung past its deadline")
+        .unwrap()
+        .into_inner();
+    assert!(!r.success, "{r:?}");
+    assert_eq!(r.status, "DEADLINE_EXCEEDED", "{r:?}");
+    assert!(
+        r.message.contains("InvokeStream"),
+        "says what to use: {r:?}"
+    );
+
+    let rest = tokio::time::timeout(
+        guard,
+        reqwest::Client::new()
+            .post(s.http("/v1/gateway/invoke"))
+            .header("x-api-key", ADMIN_KEY)
+            .json(&json!({"service": "backendapi", "method": "Watch", "requestData": "", "timeoutMs": 300}))
+            .send(),
+    )
+    .await
+    .expect("REST invoke of a never-ending stream hung")
+    .unwrap();
+    assert_eq!(rest.status(), 504, "{:?}", rest.text().await);
+
+    let mut stream = c.gateway().invoke_stream(watch).await.unwrap().into_inner();
+    let ended = tokio::time::timeout(guard, async {
+        let mut last = None;
+        while let Some(item) = stream.next().await {
+            last = Some(item);
+        }
+        last
+    })
+    .await
+    .expect("InvokeStream with a timeout never ended");
+    match ended {
+        Some(Err(e)) => assert_eq!(e.code(), tonic::Code::DeadlineExceeded, "{e}"),
+        Some(Ok(r)) => assert_eq!(r.status, "DEADLINE_EXCEEDED", "{r:?}"),
+        None => panic!("no message and no status"),
+    }
+}
+
+/// The ways operators change a file under a running service.
+#[derive(Debug, Clone, Copy)]
+enum Rewrite {
+    /// `std::fs::write`, `cat > f`: truncate, then write.
+    InPlace,
+    /// Truncate, then the text in small chunks with pauses (an editor, a
+    /// copy over the network).
+    Slowly,
+    /// Written beside it, then renamed over it (atomic).
+    Rename,
+    /// Deleted, then created again.
+    Recreate,
+}
+
+fn rewrite(path: &std::path::Path, text: &str, how: Rewrite) {
+    use std::io::Write;
+    match how {
+        Rewrite::InPlace => std::fs::write(path, text).unwrap(),
+        Rewrite::Slowly => {
+            let mut f = std::fs::File::create(path).unwrap();
+            for chunk in text.as_bytes().chunks(16) {
+                f.write_all(chunk).unwrap();
+                f.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Rewrite::Rename => {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text).unwrap();
+            std::fs::rename(&tmp, path).unwrap();
+        }
+        Rewrite::Recreate => {
+            std::fs::remove_file(path).unwrap();
+            // Long enough for several reloads to find no file at all.
+            std::thread::sleep(Duration::from_millis(150));
+            std::fs::write(path, text).unwrap();
+        }
+    }
+}
+
+/// Calls through the Gateway never see a missing backend while the
+/// services file is rewritten in every way operators do (in place, slowly,
+/// by rename, deleted and created again; JSON and YAML), and each new
+/// version is taken once written. Before the settled read, an empty file
+/// read mid-rewrite was taken as "no backends".
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_never_see_a_missing_backend_while_the_services_file_changes() {
+    let s = setup().await;
+    let base: Value =
+        serde_json::from_str(&std::fs::read_to_string(&s.services_file).unwrap()).unwrap();
+    let stop = CancellationToken::new();
+    let (calls, failures) = (
+        Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::<String>::new())),
+    );
+    let mut callers = Vec::new();
+    for _ in 0..2 {
+        let (c, stop, calls, failures) = (
+            s.client(Some(ADMIN_KEY)),
+            stop.clone(),
+            calls.clone(),
+            failures.clone(),
+        );
+        callers.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let r = c
+                    .gateway()
+                    .invoke(pb::InvokeRequest {
+                        service: "backendapi".into(),
+                        method: "Health/HealthCheck".into(),
+                        request_data: "{}".into(),
+                        timeout_ms: 0,
+                    })
+                    .await;
+                calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match r {
+                    Ok(r) if r.get_ref().success => {}
+                    Ok(r) => failures
+                        .lock()
+                        .unwrap()
+                        .push(format!("{:?}", r.into_inner())),
+                    Err(e) => failures.lock().unwrap().push(e.to_string()),
+                }
+            }
+        }));
+    }
+    let ways = [
+        Rewrite::InPlace,
+        Rewrite::Slowly,
+        Rewrite::Rename,
+        Rewrite::Recreate,
+    ];
+    for round in 0..8 {
+        let how = ways[round % ways.len()];
+        let mut file = base.clone();
+        let name = format!("round{round}");
+        file["services"].as_array_mut().unwrap().push(
+            json!({"name": name, "grpc": {"host": "127.0.0.1", "port": s.backend_api.grpc.port()}}),
+        );
+        // Half the rounds in YAML, whose truncated prefixes often parse.
+        let text = if round % 2 == 0 {
+            serde_json::to_string_pretty(&file).unwrap()
+        } else {
+            serde_norway::to_string(&file).unwrap()
+        };
+        let path = s.services_file.clone();
+        tokio::task::spawn_blocking(move || rewrite(&path, &text, how))
+            .await
+            .unwrap();
+        let v = until_listed(&s, |v| {
+            v["services"].as_array().unwrap().iter().any(|n| *n == name)
+        })
+        .await;
+        assert_eq!(
+            v["services"].as_array().unwrap().len(),
+            base["services"].as_array().unwrap().len() + 1,
+            "{how:?}: {v}"
+        );
+        assert_eq!(v["config"]["error"], Value::Null, "{how:?}: {v}");
+    }
+    stop.cancel();
+    for c in callers {
+        c.await.unwrap();
+    }
+    let calls = calls.load(std::sync::atomic::Ordering::Relaxed);
+    let failures = failures.lock().unwrap();
+    println!(
+        "gateway calls during 8 rewrites: {calls}, failed: {}",
+        failures.len()
+    );
+    assert!(calls > 0);
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn api_keys_matrix() {
     let s = setup().await;

@@ -34,8 +34,22 @@ pub enum KeysError {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeysFile {
-    #[serde(default)]
+    /// Required: a file without it (or empty, as one being rewritten looks)
+    /// is refused; no keys from the file is `{"keys": []}`. A YAML `keys:`
+    /// with nothing after it (a file cut after its first line) is refused
+    /// too.
+    #[serde(deserialize_with = "list_not_null")]
     keys: Vec<KeyEntry>,
+}
+
+/// A list that must be there and not null (YAML reads `keys:` alone as null).
+fn list_not_null<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<Vec<T>>::deserialize(d)?
+        .ok_or_else(|| serde::de::Error::custom("`keys` is empty; for no keys write `keys: []`"))
 }
 
 #[derive(Debug, Deserialize)]
@@ -117,9 +131,11 @@ impl ApiKeys {
         let mut keys = Self::default();
         if let Some(path) = file {
             let shown = path.display().to_string();
-            let text = std::fs::read_to_string(path).map_err(|e| KeysError::Read {
+            // Only a file that has stopped changing; empty is refused (a key
+            // file read mid-rewrite must not turn auth off).
+            let text = crate::file::read_settled(path).map_err(|e| KeysError::Read {
                 path: shown.clone(),
-                reason: e.to_string(),
+                reason: e.reason(),
             })?;
             keys.add_text(&text, &shown)?;
         }
@@ -127,10 +143,15 @@ impl ApiKeys {
         Ok(keys)
     }
 
-    /// Adds the keys of a keys file's text (`path` only names it).
+    /// Adds the keys of a keys file's text (`path` only names it). Empty
+    /// text is refused: no keys is `{"keys": []}`.
     pub fn add_text(&mut self, text: &str, path: &str) -> Result<(), KeysError> {
         if text.trim().is_empty() {
-            return Ok(());
+            return Err(KeysError::Parse {
+                path: path.to_owned(),
+                reason: r#"the file is empty; for no keys from this file write {"keys": []}"#
+                    .into(),
+            });
         }
         let file: KeysFile = serde_norway::from_str(text).map_err(|e| KeysError::Parse {
             path: path.to_owned(),

@@ -6,6 +6,7 @@ pub mod audit;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod file;
 pub mod grpc_health;
 pub mod health;
 pub mod logging;

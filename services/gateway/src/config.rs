@@ -22,8 +22,23 @@ pub enum ConfigError {
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct ServicesFile {
-    #[serde(default)]
+    /// Required: a file without it (or an empty file, as one being
+    /// rewritten looks) is refused, never taken as "no backends"; no
+    /// backends is `{"services": []}`. A YAML `services:` with nothing
+    /// after it (a file cut after its first line) is refused too.
+    #[serde(deserialize_with = "list_not_null")]
     pub services: Vec<ServiceConfig>,
+}
+
+/// A list that must be there and not null (YAML reads `key:` alone as null).
+fn list_not_null<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<Vec<T>>::deserialize(d)?.ok_or_else(|| {
+        serde::de::Error::custom("`services` is empty; for no backends write `services: []`")
+    })
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -132,27 +147,35 @@ fn yes() -> bool {
     true
 }
 
-/// Reads and checks a services file.
+/// Reads (once it has stopped changing, see
+/// [`virtufin_common::file::read_settled`]) and checks a services file.
 pub fn load(path: &Path) -> Result<ServicesFile, ConfigError> {
-    let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-        path: shown.clone(),
-        reason: e.to_string(),
-    })?;
-    parse(&text, &shown)
+    parse(&read(path)?, &path.display().to_string())
+}
+
+/// The services file's text once it has stopped changing; empty is an error.
+pub fn read(path: &Path) -> Result<String, ConfigError> {
+    virtufin_common::file::read_settled(path).map_err(|e| ConfigError::Read {
+        path: path.display().to_string(),
+        reason: e.reason(),
+    })
 }
 
 /// Parses and checks the text of a services file (`path` only names it in
 /// errors).
 pub fn parse(text: &str, path: &str) -> Result<ServicesFile, ConfigError> {
-    let file: ServicesFile = if text.trim().is_empty() {
-        ServicesFile::default()
-    } else {
-        serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+    // Empty is what a file being rewritten in place looks like: refused,
+    // so the last good configuration stays. No backends is spelled out.
+    if text.trim().is_empty() {
+        return Err(ConfigError::Parse {
             path: path.to_owned(),
-            reason: e.to_string(),
-        })?
-    };
+            reason: r#"the file is empty; for no backends write {"services": []}"#.into(),
+        });
+    }
+    let file: ServicesFile = serde_norway::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
     validate(&file).map_err(|reason| ConfigError::Invalid {
         path: path.to_owned(),
         reason,
@@ -249,5 +272,40 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+    }
+
+    /// An empty file is what a reload sees mid-rewrite (`cat > f`,
+    /// `std::fs::write`): it must be refused, not taken as no backends.
+    /// No backends is spelled out.
+    #[test]
+    fn an_empty_file_is_refused_and_no_backends_is_spelled_out() {
+        for text in [
+            "",
+            "\n",
+            "  \n\t",
+            "# only a comment\n",
+            "{}",
+            "other: 1\n",
+            "services:\n",
+            "services: ~\n",
+            r#"{"services": null}"#,
+        ] {
+            let e = parse(text, "s.yaml").unwrap_err();
+            assert!(matches!(e, ConfigError::Parse { .. }), "{text:?}: {e}");
+        }
+        let e = parse("", "s.json").unwrap_err();
+        assert!(e.to_string().contains(r#"{"services": []}"#), "{e}");
+        assert!(
+            parse(r#"{"services": []}"#, "s.json")
+                .unwrap()
+                .services
+                .is_empty()
+        );
+        assert!(
+            parse("services: []\n", "s.yaml")
+                .unwrap()
+                .services
+                .is_empty()
+        );
     }
 }

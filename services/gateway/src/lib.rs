@@ -183,23 +183,26 @@ impl Gateway {
     }
 
     /// Reads the services file again. `Ok(true)` when it changed and is now
-    /// in use; on error the last good configuration stays.
+    /// in use; on error the last good configuration stays. Blocks while the
+    /// file is still being written (at most
+    /// [`virtufin_common::file::MAX_WAIT`]).
     pub fn reload(&self) -> Result<bool, ConfigError> {
         let Some(path) = self.inner.path.clone() else {
             return Ok(false);
         };
-        let text = match std::fs::read_to_string(&path) {
+        // Only a file that has stopped changing is taken; empty, missing
+        // or unreadable keeps the last good configuration.
+        let text = match config::read(&path) {
             Ok(t) => t,
-            Err(e) => {
-                let err = ConfigError::Read {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                };
+            Err(err) => {
                 self.set_error(&err);
                 return Err(err);
             }
         };
         if self.read().text.as_deref() == Some(text.as_str()) {
+            // The file in use is back (deleted and created again, say):
+            // whatever was refused meanwhile no longer stands.
+            self.clear_error();
             return Ok(false);
         }
         match config::parse(&text, &path.display().to_string()) {
@@ -222,6 +225,16 @@ impl Gateway {
         if s.status.error.as_deref() != Some(msg.as_str()) {
             tracing::warn!(error = %msg, "services file refused");
             s.status.error = Some(msg);
+            s.status.generation += 1;
+            drop(s);
+            self.inner.changes.send_modify(|n| *n += 1);
+        }
+    }
+
+    fn clear_error(&self) {
+        let mut s = self.write();
+        if s.status.error.take().is_some() {
+            tracing::info!("services file readable again; its configuration is unchanged");
             s.status.generation += 1;
             drop(s);
             self.inner.changes.send_modify(|n| *n += 1);
@@ -256,7 +269,9 @@ impl Gateway {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep(interval) => {}
             }
-            let _ = self.reload();
+            // The read may wait for a file being written to hold still.
+            let g = self.clone();
+            let _ = tokio::task::spawn_blocking(move || g.reload()).await;
         }
     }
 
@@ -383,12 +398,28 @@ impl Gateway {
         let timeout = inv.timeout.unwrap_or(b.config.resilience.timeout());
         let caller = Tags::of(inv);
         if method.is_server_streaming() {
+            // The deadline bounds the whole collection here: the backend
+            // bounds only the opening by `grpc-timeout`, so a stream that
+            // never ends (Health/Watch, Subscribe) held the call forever.
+            let deadline = tokio::time::Instant::now() + timeout;
             let mut stream = b
                 .server_streaming(&method, msg, Some(timeout), caller)
                 .await
                 .map_err(GatewayError::Backend)?;
             let mut out = Vec::new();
-            while let Some(item) = stream.next().await {
+            loop {
+                let item = match tokio::time::timeout_at(deadline, stream.next()).await {
+                    Ok(Some(item)) => item,
+                    Ok(None) => break,
+                    Err(_) => {
+                        return Err(GatewayError::Backend(Status::deadline_exceeded(format!(
+                            "{} did not end its stream within {timeout:?} ({} messages so far); \
+                             use InvokeStream for streams that stay open",
+                            full_method_name(&method),
+                            out.len()
+                        ))));
+                    }
+                };
                 let m = item.map_err(GatewayError::Backend)?;
                 out.push(to_json_value(&m).map_err(GatewayError::Backend)?);
                 if out.len() >= MAX_COLLECTED {
@@ -422,8 +453,21 @@ impl Gateway {
                 .server_streaming(&method, msg, inv.timeout, caller)
                 .await
                 .map_err(GatewayError::Backend)?;
+            // A timeout the caller gave bounds the whole stream (the backend
+            // only bounds its opening).
+            let deadline = inv.timeout.map(|t| (tokio::time::Instant::now() + t, t));
             let pump = tokio::spawn(async move {
-                while let Some(item) = stream.next().await {
+                loop {
+                    let next = match deadline {
+                        Some((at, t)) => match tokio::time::timeout_at(at, stream.next()).await {
+                            Ok(next) => next,
+                            Err(_) => Some(Err(Status::deadline_exceeded(format!(
+                                "the stream did not end within {t:?}"
+                            )))),
+                        },
+                        None => stream.next().await,
+                    };
+                    let Some(item) = next else { return };
                     let out = item.and_then(|m| to_json(&m));
                     let end = out.is_err();
                     if tx.send(out).await.is_err() || end {
@@ -505,4 +549,49 @@ pub fn to_json(m: &DynamicMessage) -> Result<String, Status> {
     m.serialize_with_options(&mut ser, &SerializeOptions::new())
         .map_err(|e| Status::internal(format!("encoding the answer as JSON: {e}")))?;
     String::from_utf8(out).map_err(|e| Status::internal(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const FILE: &str = r#"{"services": [{"name": "a", "grpc": {"host": "127.0.0.1", "port": 1}}]}"#;
+
+    /// A file deleted and created again with the same content: the error
+    /// seen while it was missing must not stay (it kept `/health`
+    /// Degraded for good before).
+    // A runtime: backends' channels are created lazily on it.
+    #[tokio::test]
+    async fn the_same_file_back_clears_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("services.json");
+        std::fs::write(&p, FILE).unwrap();
+        let g = Gateway::new(Some(p.clone()));
+        assert_eq!(g.service_names(), ["a"]);
+        std::fs::remove_file(&p).unwrap();
+        assert!(g.reload().is_err());
+        assert!(g.config_status().error.is_some());
+        assert_eq!(g.service_names(), ["a"], "the last good stays");
+        std::fs::write(&p, FILE).unwrap();
+        assert!(!g.reload().unwrap());
+        assert_eq!(g.config_status().error, None);
+    }
+
+    /// What a reload saw mid-rewrite before the settled read: an empty
+    /// file. It is refused and the last good configuration stays.
+    #[tokio::test]
+    async fn an_empty_file_keeps_the_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("services.json");
+        std::fs::write(&p, FILE).unwrap();
+        let g = Gateway::new(Some(p.clone()));
+        std::fs::write(&p, "").unwrap();
+        let e = g.reload().unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        assert_eq!(g.service_names(), ["a"]);
+        std::fs::write(&p, r#"{"services": []}"#).unwrap();
+        assert!(g.reload().unwrap());
+        assert!(g.service_names().is_empty(), "no backends, spelled out");
+    }
 }

@@ -348,14 +348,29 @@ async fn session(
     }
 }
 
+/// A correlated send's frame: the 16-byte correlation key, then the
+/// payload.
+pub fn correlated(key: &[u8; 16], payload: &[u8]) -> Vec<u8> {
+    let mut framed = Vec::with_capacity(16 + payload.len());
+    framed.extend_from_slice(key);
+    framed.extend_from_slice(payload);
+    framed
+}
+
+/// The correlation key a frame starts with and the rest (the reply), if it
+/// is long enough to carry one. Whether it answers a send is up to the
+/// pending sends.
+pub fn split_correlated(data: &Bytes) -> Option<([u8; 16], Bytes)> {
+    let key: [u8; 16] = data.get(..16)?.try_into().ok()?;
+    Some((key, data.slice(16..)))
+}
+
 /// A frame arrived: the reply to a correlated send, or traffic to forward.
 async fn inbound(shared: &Shared, conn: &Conn, data: Bytes, text: bool) {
-    if data.len() >= 16 {
-        let mut key = [0u8; 16];
-        key.copy_from_slice(&data[..16]);
+    if let Some((key, reply)) = split_correlated(&data) {
         let waiter = conn.pending().remove(&key);
         if let Some(w) = waiter {
-            let _ = w.send(data.slice(16..));
+            let _ = w.send(reply);
             return;
         }
     }

@@ -393,9 +393,7 @@ impl Shared {
         let key = *uuid::Uuid::new_v4().as_bytes();
         let (tx, rx) = oneshot::channel();
         conn.pending().insert(key, tx);
-        let mut framed = Vec::with_capacity(16 + payload.len());
-        framed.extend_from_slice(&key);
-        framed.extend_from_slice(&payload);
+        let framed = crate::conn::correlated(&key, &payload);
         if let Err(e) = self.write(&conn, Message::Binary(framed.into())).await {
             conn.pending().remove(&key);
             return Err(e);

@@ -233,7 +233,7 @@ fn nix32_decode(s: &str) -> Option<[u8; 32]> {
 /// Parses a NAR hash: SRI `sha256-<base64>`, `sha256:<nix base-32>` (or
 /// the 52 base-32 digits alone, as `nix-hash --type sha256 --base32`
 /// prints), or 64 hex digits.
-fn parse_nar_hash(h: &str) -> Result<[u8; 32], ApiError> {
+pub fn parse_nar_hash(h: &str) -> Result<[u8; 32], ApiError> {
     let bad = || {
         ApiError::invalid(format!(
             "sha256 must be the store path's NAR hash: SRI 'sha256-<base64>' (nix path-info --json), 'sha256:<base-32>' or 64 hex digits; got '{h}'"
