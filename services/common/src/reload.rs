@@ -90,6 +90,7 @@ pub fn on_sighup(
     shutdown: CancellationToken,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let mut hup = signal(SignalKind::hangup())?;
+    let parts = std::sync::Arc::new(parts);
     Ok(tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -98,8 +99,17 @@ pub fn on_sighup(
             }
             tracing::info!("SIGHUP: reloading");
             Notifier.reloading("reloading");
-            // The parts read a few small files: done in place.
-            let outcome = reload_once(service, &parts);
+            // Reading a file waits until it has held still (settled
+            // reads, up to seconds): off the async workers.
+            let p = parts.clone();
+            let outcome = match tokio::task::spawn_blocking(move || reload_once(service, &p)).await
+            {
+                Ok(o) => o,
+                Err(e) => Outcome {
+                    ok: false,
+                    status: format!("{service}: reload failed: {e}"),
+                },
+            };
             health.set_note("reload", Some((outcome.ok, outcome.status.clone())));
             if outcome.ok {
                 tracing::info!("{}", outcome.status);
