@@ -42,6 +42,8 @@ PACKAGES=systemd,systemd-sysv,dbus,valkey-server,ca-certificates,python3
 BASE=$CACHE/base-trixie-$(echo "$PACKAGES" | md5sum | cut -c1-8)
 # A run root of its own (VIRTUFIN_CHAIN_WORK) lets two runs share the cache.
 WORK=${VIRTUFIN_CHAIN_WORK:-$CACHE/run}
+# Where cargo puts its output (CARGO_TARGET_DIR, as cargo reads it).
+TARGET=${CARGO_TARGET_DIR:-target}
 MIRROR=${VIRTUFIN_CHAIN_MIRROR:-http://deb.debian.org/debian}
 UNITS="virtufin-api virtufin-websocketmanager virtufin-workmanager"
 failures=0
@@ -69,7 +71,7 @@ cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocket
 # The example native worker (a cdylib) the chain test runs.
 cargo build --release --locked -p virtufin-worker-example-echo
 cargo deb -p virtufin --no-build --locked >/dev/null
-DEB=$(ls -t target/debian/virtufin_*.deb | head -1)
+DEB=$(ls -t "$TARGET"/debian/virtufin_*.deb | head -1)
 pass "cargo deb -p virtufin built $(basename "$DEB")"
 
 if [ ! -e "$BASE/.complete" ]; then
@@ -94,8 +96,8 @@ PY
 )
 [ -n "$grpcurl_bin" ] || grpcurl_bin=$(command -v grpcurl)
 cp "$grpcurl_bin" "$WORK/usr/local/bin/grpcurl"
-cp target/release/virtufin-ws-echo "$WORK/usr/local/bin/"
-cp target/release/virtufin-callprobe "$WORK/usr/local/bin/"
+cp "$TARGET"/release/virtufin-ws-echo "$WORK/usr/local/bin/"
+cp "$TARGET"/release/virtufin-callprobe "$WORK/usr/local/bin/"
 cat >"$WORK/etc/systemd/system/ws-echo.service" <<'UNIT'
 [Unit]
 Description=WebSocket echo peer for the chain test
@@ -230,7 +232,7 @@ for _ in $(seq 100); do in_ct sh -c 'kill -0 $(cat /tmp/answer.pid) 2>/dev/null'
 check "... and answers events" in_ct grep -q after-reboot /tmp/answer.out
 
 say "a native worker (C ABI v1, in virtufin-worker-host) under the units' sandbox"
-cp target/release/libvirtufin_echo_worker.so "$WORK/root/"
+cp "$TARGET"/release/libvirtufin_echo_worker.so "$WORK/root/"
 native=$(in_ct virtufin workers create /root/libvirtufin_echo_worker.so --topic chain-native-jobs --start | sed -n 's/.*"id":"\([^"]*\)".*/\1/p')
 check "a native worker is running ($native)" test -n "$native"
 in_ct sh -c 'virtufin subscribe com.virtufin.example.echo.reply --subscriber chain-native --count 2 >/tmp/native.out 2>&1 & echo $! >/tmp/native.pid'
