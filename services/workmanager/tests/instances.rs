@@ -27,6 +27,17 @@ async fn long_processing_stack() -> common::Stack {
     stack_with(|c| c.processing_timeout = std::time::Duration::from_secs(30)).await
 }
 
+/// A workmanager instance with its own id and state directory, as on a
+/// host of its own.
+async fn host(s: &common::Stack, id: &str, dir: &tempfile::TempDir) -> common::Wm {
+    let id = id.to_owned();
+    wm(s, |c| {
+        c.instance_id = Some(id);
+        c.state_dir = dir.path().to_path_buf();
+    })
+    .await
+}
+
 async fn instances_of(w: &mut common::Wm, id: &str) -> (i32, Vec<String>) {
     let list = w
         .client
@@ -44,16 +55,8 @@ async fn one_worker_on_two_instances_shares_its_events() {
     let s = long_processing_stack().await;
     let mut answers = subscribe(&s.api, "spread-answers").await;
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = wm(&s, |c| {
-        c.instance_id = Some("host-a".into());
-        c.state_dir = dir_a.path().to_path_buf();
-    })
-    .await;
-    let mut b = wm(&s, |c| {
-        c.instance_id = Some("host-b".into());
-        c.state_dir = dir_b.path().to_path_buf();
-    })
-    .await;
+    let mut a = host(&s, "host-a", &dir_a).await;
+    let mut b = host(&s, "host-b", &dir_b).await;
     let id = a
         .client
         .create_worker(create(ECHO_PID, "spread", &[]))
@@ -105,18 +108,10 @@ async fn one_worker_on_two_instances_shares_its_events() {
     // A restarted instance recovers only what it ran: host-a's restart
     // does not take the worker back; host-b's does.
     a.stop().await;
-    let mut a = wm(&s, |c| {
-        c.instance_id = Some("host-a".into());
-        c.state_dir = dir_a.path().to_path_buf();
-    })
-    .await;
+    let mut a = host(&s, "host-a", &dir_a).await;
     assert_eq!(instances_of(&mut a, &id).await.1, ["host-b"]);
     b.stop().await;
-    let mut b = wm(&s, |c| {
-        c.instance_id = Some("host-b".into());
-        c.state_dir = dir_b.path().to_path_buf();
-    })
-    .await;
+    let mut b = host(&s, "host-b", &dir_b).await;
     assert_eq!(instances_of(&mut b, &id).await.1, ["host-b"]);
     publish(&s.api, "spread", "\"after-recovery\"", &[]).await;
     let d: serde_json::Value = serde_json::from_slice(&next(&mut answers).await.data).unwrap();
@@ -148,16 +143,8 @@ async fn an_instance_that_joins_does_not_take_what_another_holds() {
     let s = long_processing_stack().await;
     let mut answers = subscribe(&s.api, "held-answers").await;
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let mut a = wm(&s, |c| {
-        c.instance_id = Some("host-a".into());
-        c.state_dir = dir_a.path().to_path_buf();
-    })
-    .await;
-    let mut b = wm(&s, |c| {
-        c.instance_id = Some("host-b".into());
-        c.state_dir = dir_b.path().to_path_buf();
-    })
-    .await;
+    let mut a = host(&s, "host-a", &dir_a).await;
+    let mut b = host(&s, "host-b", &dir_b).await;
     let id = a
         .client
         .create_worker(create(SLOW, "held", &[]))
