@@ -28,7 +28,8 @@
 #     `kill -9` of the api and a reinstall of the .deb sees 0 refused
 #     connections, 0 timeouts, every call answered (a gRPC or HTTP status);
 #     broken connections only for the calls in flight in the process killed
-#     by kill -9 (at most one per loop), none on restart or reinstall;
+#     by kill -9 or reset by a graceful restart (at most one per loop),
+#     none on reinstall;
 #   - reload without restart (reload_* in valkey.sh): `systemctl reload` after a key
 #     is added makes it work with the same PID; a broken keys file is
 #     refused (STATUS= and the journal say so) and the old keys keep working;
