@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 use tokio_util::sync::CancellationToken;
 use virtufin_api_client::{ApiClient, pb};
+use virtufin_testkit::files::{Rewrite, rewrite};
 
 const ADMIN_KEY: &str = "admin-0123456789abcdef0123456789";
 const WSM_KEY: &str = "wsm-0123456789abcdef0123456789ab";
@@ -721,46 +722,6 @@ async fn a_stream_that_never_ends_is_cut_at_the_deadline() {
     }
 }
 
-/// The ways operators change a file under a running service.
-#[derive(Debug, Clone, Copy)]
-enum Rewrite {
-    /// `std::fs::write`, `cat > f`: truncate, then write.
-    InPlace,
-    /// Truncate, then the text in small chunks with pauses (an editor, a
-    /// copy over the network).
-    Slowly,
-    /// Written beside it, then renamed over it (atomic).
-    Rename,
-    /// Deleted, then created again.
-    Recreate,
-}
-
-fn rewrite(path: &std::path::Path, text: &str, how: Rewrite) {
-    use std::io::Write;
-    match how {
-        Rewrite::InPlace => std::fs::write(path, text).unwrap(),
-        Rewrite::Slowly => {
-            let mut f = std::fs::File::create(path).unwrap();
-            for chunk in text.as_bytes().chunks(16) {
-                f.write_all(chunk).unwrap();
-                f.flush().unwrap();
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        Rewrite::Rename => {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, path).unwrap();
-        }
-        Rewrite::Recreate => {
-            std::fs::remove_file(path).unwrap();
-            // Long enough for several reloads to find no file at all.
-            std::thread::sleep(Duration::from_millis(150));
-            std::fs::write(path, text).unwrap();
-        }
-    }
-}
-
 /// Calls through the Gateway never see a missing backend while the
 /// services file is rewritten in every way operators do (in place, slowly,
 /// by rename, deleted and created again; JSON and YAML), and each new
@@ -807,14 +768,8 @@ async fn calls_never_see_a_missing_backend_while_the_services_file_changes() {
             }
         }));
     }
-    let ways = [
-        Rewrite::InPlace,
-        Rewrite::Slowly,
-        Rewrite::Rename,
-        Rewrite::Recreate,
-    ];
     for round in 0..8 {
-        let how = ways[round % ways.len()];
+        let how = Rewrite::ALL[round % Rewrite::ALL.len()];
         let mut file = base.clone();
         let name = format!("round{round}");
         file["services"].as_array_mut().unwrap().push(

@@ -5,47 +5,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
-    io::Write,
-    path::Path,
     sync::{Arc, Mutex, mpsc},
     time::Duration,
 };
 
 use virtufin_common::auth::ApiKeys;
+use virtufin_testkit::files::{Rewrite, rewrite};
 
 const ADMIN: &str = "admin-0123456789abcdef0123456789";
 const WSM: &str = "wsm-0123456789abcdef0123456789ab";
-
-#[derive(Debug, Clone, Copy)]
-enum Rewrite {
-    InPlace,
-    Slowly,
-    Rename,
-    Recreate,
-}
-
-fn rewrite(path: &Path, text: &str, how: Rewrite) {
-    match how {
-        Rewrite::InPlace => std::fs::write(path, text).unwrap(),
-        Rewrite::Slowly => {
-            let mut f = std::fs::File::create(path).unwrap();
-            for chunk in text.as_bytes().chunks(8) {
-                f.write_all(chunk).unwrap();
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        Rewrite::Rename => {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, text).unwrap();
-            std::fs::rename(&tmp, path).unwrap();
-        }
-        Rewrite::Recreate => {
-            std::fs::remove_file(path).unwrap();
-            std::thread::sleep(Duration::from_millis(100));
-            std::fs::write(path, text).unwrap();
-        }
-    }
-}
 
 /// YAML, whose truncated prefixes parse (with keys missing) when the cut
 /// falls at a line end.
@@ -106,14 +74,8 @@ fn keyed_calls_never_miss_a_key_while_the_keys_file_changes() {
             (calls, failures)
         })
     };
-    let ways = [
-        Rewrite::InPlace,
-        Rewrite::Slowly,
-        Rewrite::Rename,
-        Rewrite::Recreate,
-    ];
     for round in 1..=8 {
-        let how = ways[round % ways.len()];
+        let how = Rewrite::ALL[round % Rewrite::ALL.len()];
         rewrite(&path, &keys_yaml(round), how);
         // Wait for the reloader to take this version (a signal, not a sleep).
         let want = format!("round{round}");

@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod daprd;
+pub mod files;
 pub mod logs;
 
 use std::{
