@@ -6,7 +6,8 @@
 #   - each downstream unit started only after the api reported ready;
 #   - the api does not become active while Valkey does not answer, and
 #     does once it answers;
-#   - the seed's grpcurl smoke check passes inside the container;
+#   - the seed's grpcurl smoke check passes inside the container, and each
+#     service's GET /metrics (through its socket unit) says virtufin_ready 1;
 #   - kill -9 of the api: systemd restarts it, the websocketmanager
 #     re-handshakes by itself (same PID) and is ready again, no
 #     acknowledged state is lost;

@@ -32,6 +32,8 @@ pub fn router(
     cors: Option<tower_http::cors::CorsLayer>,
 ) -> Router {
     let health = app.health.router();
+    let metrics = app.metrics.base.clone();
+    let health_too = app.health.clone();
     // Everything but health is behind the key check.
     let api = Router::new()
         .route("/v1/state/save-state", post(save))
@@ -42,7 +44,7 @@ pub fn router(
         .with_state(Ctx { app, state })
         .merge(crate::gateway::routes(gateway))
         .layer(axum::middleware::from_fn_with_state(keys, http_auth));
-    let router = api.merge(health);
+    let router = metrics.instrument(api.merge(health), health_too);
     match cors {
         Some(c) => router.layer(c),
         None => router,

@@ -27,6 +27,7 @@ pub mod error;
 pub mod gateway;
 mod grpc_health;
 mod http;
+pub mod metrics;
 pub mod pubsub;
 pub mod state;
 pub use virtufin_common::validate;
@@ -60,6 +61,7 @@ pub struct App {
     pub health: Health,
     /// Cancelled on shutdown; every subscription stream hangs off it.
     pub shutdown: CancellationToken,
+    pub metrics: metrics::ApiMetrics,
 }
 
 impl App {
@@ -157,6 +159,7 @@ pub async fn run(
         subscriptions: Arc::default(),
         health: health.clone(),
         shutdown: shutdown.clone(),
+        metrics: metrics::ApiMetrics::new(),
     });
 
     let tasks = tokio_util::task::TaskTracker::new();
@@ -207,6 +210,9 @@ pub async fn run(
             None => tower::util::Either::Right(tower::layer::util::Identity::new()),
         })
         .layer(tonic_web::GrpcWebLayer::new())
+        // Inside gRPC-Web's translation: it sees every call as gRPC, its
+        // status in the trailers.
+        .layer(app.metrics.base.grpc_layer())
         .add_service(std_health)
         .add_service(HealthServer::new(grpc_health::ApiHealth {
             app: app.clone(),

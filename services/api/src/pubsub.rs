@@ -149,6 +149,7 @@ pub async fn publish(
     )?;
     let backend = app.backend()?;
     backend.pubsub.publish(topic, &bytes).await.api()?;
+    app.metrics.published(topic);
     tracing::debug!(topic, id = %id, "published");
     Ok(id)
 }
@@ -194,6 +195,9 @@ pub async fn publish_many(
     )?;
     let backend = app.backend()?;
     backend.pubsub.publish_batch(&built).await.api()?;
+    for (topic, _) in &built {
+        app.metrics.published(topic);
+    }
     Ok(ids)
 }
 
@@ -267,6 +271,7 @@ impl Pubsub for PubsubService {
         let (tx, rx) = mpsc::channel(16);
         let pubsub_name = self.app.event_defaults.pubsub_name.clone();
         tracing::info!(topic = %spec.topic, group = %spec.group, subscriber = %spec.subscriber, "subscribed");
+        let app = self.app.clone();
         tokio::spawn(async move {
             let _guard = guard;
             loop {
@@ -292,6 +297,7 @@ impl Pubsub for PubsubService {
                             break;
                         }
                         sub.settle(&d.entry_id, Outcome::Success);
+                        app.metrics.delivered(&spec.topic, &spec.group, d.attempt);
                     }
                 }
             }
@@ -355,6 +361,7 @@ impl Pubsub for PubsubService {
         let _ = tx.send(Ok(initial)).await;
         let pubsub_name = self.app.event_defaults.pubsub_name.clone();
         tracing::info!(topic = %spec.topic, group = %spec.group, subscriber = %spec.subscriber, "subscribed with acknowledgements");
+        let app = self.app.clone();
         tokio::spawn(async move {
             let _guard = guard;
             // CloudEvent id -> entry ids in flight (ids need not be unique).
@@ -381,6 +388,8 @@ impl Pubsub for PubsubService {
                                         }
                                     };
                                     sub.settle(&entry, outcome);
+                                    app.metrics.acknowledged(&spec.topic, &spec.group, outcome);
+                                    app.metrics.pending_add(&spec.topic, &spec.group, -1);
                                 }
                                 None => tracing::debug!(id = %ack.id, "ack for an event not in flight; ignored"),
                             }
@@ -396,6 +405,8 @@ impl Pubsub for PubsubService {
                         Some(Ok(d)) => {
                             let ev = cloudevent::to_topic_event(&spec.topic, &d.entry_id, &d.data, &pubsub_name);
                             in_flight.entry(ev.id.clone()).or_default().push_back(d.entry_id.clone());
+                            app.metrics.delivered(&spec.topic, &spec.group, d.attempt);
+                            app.metrics.pending_add(&spec.topic, &spec.group, 1);
                             let msg = SubscribeTopicEventsResponse { subscribe_topic_events_response_type: Some(Resp::EventMessage(ev)) };
                             if tx.send(Ok(msg)).await.is_err() {
                                 break;
@@ -404,6 +415,14 @@ impl Pubsub for PubsubService {
                     },
                 }
             }
+            // What was never acknowledged is no longer pending here (the
+            // broker delivers it again).
+            let left: usize = in_flight.values().map(VecDeque::len).sum();
+            app.metrics.pending_add(
+                &spec.topic,
+                &spec.group,
+                -i64::try_from(left).unwrap_or(i64::MAX),
+            );
             sub.close().await;
             tracing::info!(topic = %spec.topic, group = %spec.group, subscriber = %spec.subscriber, "acknowledged subscription ended");
         });

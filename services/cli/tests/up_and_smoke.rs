@@ -1,10 +1,14 @@
 //! `virtufin up` starts the stack and waits for READY=1 through
-//! NOTIFY_SOCKET; `virtufin smoke` passes against it; Ctrl-C stops it.
+//! NOTIFY_SOCKET; `virtufin smoke` passes against it; a real Prometheus
+//! scrapes the three services' `/metrics` and its queries count exactly
+//! the traffic this test made; Ctrl-C stops it.
 //! Uses the virtufin-api binary that the workspace build put beside
 //! `virtufin`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
+
+use virtufin_testkit::prometheus::{Prometheus, http_get};
 
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
@@ -30,7 +34,7 @@ fn bin_dir() -> PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn up_then_smoke_then_ctrl_c() {
+async fn up_then_smoke_then_metrics_then_ctrl_c() {
     let state = tempfile::tempdir().unwrap();
     let mut up = Command::new(CLI)
         .arg("up")
@@ -61,6 +65,17 @@ async fn up_then_smoke_then_ctrl_c() {
     .await
     .expect("the stack comes up in time");
     assert!(ready, "up ended before the stack was up");
+    // Scraping the three HTTP ports `up` gives the services.
+    let prom = tokio::task::block_in_place(|| {
+        Prometheus::start(
+            &[
+                ("virtufin-api", "127.0.0.1:5001".to_owned()),
+                ("virtufin-websocketmanager", "127.0.0.1:5201".to_owned()),
+                ("virtufin-workmanager", "127.0.0.1:5101".to_owned()),
+            ],
+            Duration::from_millis(500),
+        )
+    });
 
     let smoke = Command::new(CLI).arg("smoke").output().await.unwrap();
     let out = String::from_utf8_lossy(&smoke.stdout);
@@ -114,6 +129,11 @@ async fn up_then_smoke_then_ctrl_c() {
         .await
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "marco");
+    expect(
+        &prom,
+        r#"sum(virtufin_websocket_connections{state="connected"})"#,
+        1.0,
+    );
     let out = Command::new(CLI)
         .args(["ws", "list"])
         .output()
@@ -197,6 +217,26 @@ async fn up_then_smoke_then_ctrl_c() {
         .unwrap();
     let ev: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
     assert_eq!(ev["data"], "ping");
+    for n in 2..=5 {
+        let out = Command::new(CLI)
+            .args(["publish", "cli-jobs", &format!("ping {n}")])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+    }
+    // Refused calls: two gRPC (no service named) and two HTTP (no such key).
+    for _ in 0..2 {
+        let out = Command::new(CLI)
+            .args(["state", "get", "", "k"])
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success());
+        let got = http_get(5001, "/v1/state/cli/metrics-nope").map(|(s, _)| s);
+        assert_eq!(got, Some(404));
+    }
+    check_metrics(&prom);
     let out = Command::new(CLI)
         .args(["workers", "list"])
         .output()
@@ -227,6 +267,89 @@ async fn up_then_smoke_then_ctrl_c() {
         "nothing answers once the stack is down"
     );
     assert!(String::from_utf8_lossy(&after.stdout).contains("FAIL  Health/HealthCheck"));
+}
+
+/// Waits until Prometheus' answer to `q` is `want`.
+fn expect(prom: &Prometheus, q: &str, want: f64) {
+    let got = tokio::task::block_in_place(|| prom.wait_for(q, want, Duration::from_secs(20)));
+    assert_eq!(got, Some(want), "{q}");
+}
+
+/// The traffic above, as Prometheus saw it.
+fn check_metrics(prom: &Prometheus) {
+    let wanted: &[(&str, f64)] = &[
+        (r#"sum(up{job=~"virtufin-.*"})"#, 3.0),
+        ("sum(virtufin_ready)", 3.0),
+        ("count(virtufin_build_info)", 3.0),
+        // Five events to the worker's topic, each delivered once on its
+        // acknowledged stream, acknowledged SUCCESS, none left pending,
+        // and answered on cli-answers.
+        (
+            r#"sum(virtufin_pubsub_published_events_total{topic="cli-jobs"})"#,
+            5.0,
+        ),
+        (
+            r#"sum(virtufin_pubsub_delivered_events_total{topic="cli-jobs"})"#,
+            5.0,
+        ),
+        (
+            r#"sum(virtufin_pubsub_redelivered_events_total{topic="cli-jobs"}) or vector(0)"#,
+            0.0,
+        ),
+        (
+            r#"sum(virtufin_pubsub_acknowledged_events_total{topic="cli-jobs",status="SUCCESS"})"#,
+            5.0,
+        ),
+        (
+            r#"sum(virtufin_pubsub_pending_events{topic="cli-jobs"})"#,
+            0.0,
+        ),
+        (
+            r#"sum(virtufin_pubsub_published_events_total{topic="cli-answers"})"#,
+            5.0,
+        ),
+        (
+            r#"sum(virtufin_worker_events_total{status="SUCCESS"})"#,
+            5.0,
+        ),
+        ("sum(virtufin_worker_event_duration_seconds_count)", 5.0),
+        ("sum(virtufin_worker_errors_total) or vector(0)", 0.0),
+        // One correlated send: one frame out, its echo in.
+        (
+            r#"sum(virtufin_websocket_frames_total{direction="out"})"#,
+            1.0,
+        ),
+        (
+            r#"sum(virtufin_websocket_frames_total{direction="in"})"#,
+            1.0,
+        ),
+        (
+            r#"sum(virtufin_grpc_requests_total{job="virtufin-websocketmanager",rpc="virtufin.websocketmanager.v1.WebSocketManager/Send",code="OK"})"#,
+            1.0,
+        ),
+        (
+            r#"sum(virtufin_grpc_requests_total{job="virtufin-api",rpc="virtufin.api.v1.State/GetState",code="INVALID_ARGUMENT"})"#,
+            2.0,
+        ),
+        (
+            r#"sum(virtufin_http_requests_total{job="virtufin-api",route="/v1/state/{service}/{*key}",method="GET",status="404"})"#,
+            2.0,
+        ),
+        (
+            r#"sum(virtufin_grpc_request_duration_seconds_count{job="virtufin-api",rpc="virtufin.api.v1.State/GetState"}) >= bool 4"#,
+            1.0,
+        ),
+    ];
+    let want_override = std::env::var("VIRTUFIN_TEST_METRICS_OFF_BY").ok();
+    for (q, want) in wanted {
+        // A mutation knob for checking that this test can fail: every
+        // expected value shifted by this much.
+        let shift: f64 = want_override
+            .as_deref()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        expect(prom, q, want + shift);
+    }
 }
 
 struct StopOnDrop(u32);

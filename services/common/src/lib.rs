@@ -10,6 +10,7 @@ pub mod file;
 pub mod grpc_health;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod notify;
 pub mod reload;
 pub mod serve;

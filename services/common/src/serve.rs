@@ -284,8 +284,18 @@ where
                 return Ok(());
             }
             tracing::info!("ready: accepting gRPC connections");
-            grpc.serve_with_incoming_shutdown(incoming, s.cancelled_owned())
-                .await
+            // As for HTTP (see [`LINGER`]): stop accepting at once, let
+            // the connections accepted so far send their calls, then go
+            // away (HTTP/2 GOAWAY; calls in progress finish).
+            use futures_util::StreamExt;
+            let incoming = incoming
+                .take_until(s.clone().cancelled_owned())
+                .chain(futures_util::stream::pending());
+            grpc.serve_with_incoming_shutdown(incoming, async move {
+                s.cancelled().await;
+                tokio::time::sleep(LINGER).await;
+            })
+            .await
         })
     };
     let http = http_listeners
@@ -298,13 +308,76 @@ where
                 if !g.await {
                     return Ok(());
                 }
-                axum::serve(l, r)
-                    .with_graceful_shutdown(s.cancelled_owned())
-                    .await
+                let r = r.layer(axum::middleware::map_response_with_state(
+                    s.clone(),
+                    close_after_shutdown,
+                ));
+                let stop = s.clone();
+                axum::serve(
+                    UntilShutdown {
+                        inner: l,
+                        stop: s.clone(),
+                    },
+                    r,
+                )
+                .with_graceful_shutdown(async move {
+                    stop.cancelled().await;
+                    tokio::time::sleep(LINGER).await;
+                })
+                .await
             })
         })
         .collect();
     Servers { grpc, http }
+}
+
+/// How long, once shutdown begins, connections already accepted get to send
+/// their request before idle ones are closed. A client whose connection
+/// was accepted an instant before shutdown has its request on the way:
+/// closing the connection as idle (what a graceful shutdown does at once)
+/// would reset it, and the listener is socket-activated precisely so that
+/// no client sees a restart.
+const LINGER: Duration = Duration::from_millis(500);
+
+/// An HTTP listener that stops accepting when shutdown begins, while the
+/// connections it accepted are still served (see [`LINGER`]); what
+/// waits in the backlog stays for the next process (socket activation) or
+/// is refused when the socket closes (bound here).
+struct UntilShutdown<L> {
+    inner: L,
+    stop: CancellationToken,
+}
+
+impl<L: axum::serve::Listener> axum::serve::Listener for UntilShutdown<L> {
+    type Io = L::Io;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        tokio::select! {
+            // Never again: the graceful shutdown ends the accept loop.
+            _ = self.stop.cancelled() => std::future::pending().await,
+            c = self.inner.accept() => c,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+/// Once shutdown began, every answer closes its connection behind it, so a
+/// keep-alive client opens its next one to the next process.
+async fn close_after_shutdown(
+    axum::extract::State(stop): axum::extract::State<CancellationToken>,
+    mut res: axum::response::Response,
+) -> axum::response::Response {
+    if stop.is_cancelled() {
+        res.headers_mut().insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("close"),
+        );
+    }
+    res
 }
 
 impl Servers {

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod daprd;
 pub mod files;
 pub mod logs;
+pub mod prometheus;
 
 use std::{
     io::{BufRead, BufReader},

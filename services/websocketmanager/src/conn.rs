@@ -20,7 +20,7 @@ use tokio_tungstenite::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{MESSAGE_TYPE, SOURCE, manager::Shared};
+use crate::{MESSAGE_TYPE, SOURCE, manager::Shared, metrics::Direction};
 
 /// A connection's state, as the contract spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +262,7 @@ pub async fn run(
         }
         if conn.auto_reconnect && attempt < cfg.reconnect_max_attempts {
             attempt += 1;
+            shared.metrics.reconnect_attempt();
             if attempt == 1 {
                 conn.status.send_replace(Status::Reconnecting);
                 shared.persist(&conn).await;
@@ -326,8 +327,12 @@ async fn session(
             }
             o = outgoing.recv() => {
                 let Some(o) = o else { return Ended::Stopped };
+                let text = o.message.is_text();
                 match sink.send(o.message).await {
-                    Ok(()) => { let _ = o.done.send(Ok(())); }
+                    Ok(()) => {
+                        shared.metrics.frame(Direction::Out, text);
+                        let _ = o.done.send(Ok(()));
+                    }
                     Err(e) => {
                         let _ = o.done.send(Err(describe(&e)));
                         return Ended::Failed(error_type(&e), describe(&e));
@@ -335,8 +340,14 @@ async fn session(
                 }
             }
             m = stream.next() => match m {
-                Some(Ok(Message::Text(t))) => inbound(shared, conn, Bytes::copy_from_slice(t.as_bytes()), true).await,
-                Some(Ok(Message::Binary(b))) => inbound(shared, conn, b, false).await,
+                Some(Ok(Message::Text(t))) => {
+                    shared.metrics.frame(Direction::In, true);
+                    inbound(shared, conn, Bytes::copy_from_slice(t.as_bytes()), true).await
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    shared.metrics.frame(Direction::In, false);
+                    inbound(shared, conn, b, false).await
+                }
                 Some(Ok(Message::Close(frame))) => {
                     return Ended::Closed(frame.map(|f| format!("{} {}", f.code, f.reason)).unwrap_or_else(|| "no reason".into()));
                 }

@@ -19,15 +19,16 @@ use crate::{
 };
 
 pub fn router(shared: Arc<Shared>, health: &Health) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/connections", post(connect).get(list))
         .route("/v1/connections/{id}", axum::routing::delete(disconnect))
         .route("/v1/connections/{id}/publish", post(start_publish))
         .route("/v1/connections/{id}/stop-publish", post(stop_publish))
         .route("/v1/connections/{id}/send", post(send))
         .route("/v1/connections/{id}/send-raw", post(send_raw))
-        .with_state(shared)
-        .merge(health.router())
+        .with_state(shared.clone())
+        .merge(health.router());
+    shared.metrics.base.instrument(router, health.clone())
 }
 
 fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {

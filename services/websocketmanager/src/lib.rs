@@ -17,6 +17,7 @@ pub mod conn;
 pub mod grpc;
 mod http;
 pub mod manager;
+pub mod metrics;
 
 pub use config::Config;
 
@@ -92,11 +93,14 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    let grpc = serve::grpc_server().add_service(std_health).add_service(
-        WebSocketManagerServer::new(grpc::Service(shared.clone()))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES),
-    );
+    let grpc = serve::grpc_server()
+        .layer(shared.metrics.base.grpc_layer())
+        .add_service(std_health)
+        .add_service(
+            WebSocketManagerServer::new(grpc::Service(shared.clone()))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES),
+        );
     let grpc = serve::with_reflection(grpc, &[virtufin_proto::WEBSOCKETMANAGER_DESCRIPTOR_SET])?;
     let servers = serve::start(
         grpc,

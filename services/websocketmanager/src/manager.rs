@@ -70,6 +70,7 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     conns: Mutex<HashMap<String, Arc<Conn>>>,
     tasks: TaskTracker,
+    pub metrics: crate::metrics::WsMetrics,
 }
 
 /// rustls with the ring provider and the system's root certificates.
@@ -98,7 +99,7 @@ impl Shared {
         publisher: Publisher,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, String> {
-        Ok(Arc::new(Self {
+        let shared = Arc::new(Self {
             api,
             instance: config.instance(),
             config,
@@ -107,7 +108,15 @@ impl Shared {
             shutdown,
             conns: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
-        }))
+            metrics: crate::metrics::WsMetrics::new(),
+        });
+        shared.metrics.follow(Arc::downgrade(&shared));
+        Ok(shared)
+    }
+
+    /// The state of every connection this instance owns.
+    pub fn statuses(&self) -> Vec<crate::conn::Status> {
+        self.conns().values().map(|c| c.status()).collect()
     }
 
     fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Conn>>> {

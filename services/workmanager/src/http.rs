@@ -18,7 +18,7 @@ use virtufin_common::{ApiError, Health, audit::Origin};
 use crate::manager::{NewWorker, Record, Shared};
 
 pub fn router(shared: Arc<Shared>, health: &Health) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/workers", post(create).get(list))
         .route("/v1/workers/recover", post(recover))
         .route("/v1/workers/{id}", get(one).delete(delete))
@@ -28,8 +28,9 @@ pub fn router(shared: Arc<Shared>, health: &Health) -> Router {
         .route("/v1/workers/{id}/history", get(history))
         .route("/v1/workers/{id}/tags", get(tags).put(set_tags))
         .route("/v1/workers/{id}/tags/{key}", get(tag).put(set_tag))
-        .with_state(shared)
-        .merge(health.router())
+        .with_state(shared.clone())
+        .merge(health.router());
+    shared.metrics.base.instrument(router, health.clone())
 }
 
 fn body<T: serde::de::DeserializeOwned>(bytes: &Bytes) -> Result<T, ApiError> {

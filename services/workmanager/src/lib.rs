@@ -18,6 +18,7 @@ pub mod engine;
 mod grpc;
 mod http;
 pub mod manager;
+pub mod metrics;
 pub mod runtime;
 pub mod source;
 
@@ -84,11 +85,14 @@ pub async fn run(
         GRPC_SERVICES,
         shutdown.clone(),
     ));
-    let grpc = serve::grpc_server().add_service(std_health).add_service(
-        WorkManagerServer::new(grpc::Service(shared.clone()))
-            .max_decoding_message_size(16 << 20)
-            .max_encoding_message_size(64 << 20),
-    );
+    let grpc = serve::grpc_server()
+        .layer(shared.metrics.base.grpc_layer())
+        .add_service(std_health)
+        .add_service(
+            WorkManagerServer::new(grpc::Service(shared.clone()))
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(64 << 20),
+        );
     let grpc = serve::with_reflection(grpc, &[virtufin_proto::WORKMANAGER_DESCRIPTOR_SET])?;
     let servers = serve::start(
         grpc,

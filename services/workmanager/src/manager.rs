@@ -158,6 +158,7 @@ pub struct Shared {
     pub publisher: Publisher,
     pub shutdown: CancellationToken,
     running: Mutex<HashMap<String, Running>>,
+    pub metrics: crate::metrics::WmMetrics,
 }
 
 impl Shared {
@@ -174,6 +175,7 @@ impl Shared {
             publisher,
             shutdown,
             running: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::WmMetrics::new(),
         })
     }
 
@@ -203,6 +205,7 @@ impl Shared {
     }
 
     pub async fn worker_error(&self, spec: &WorkerSpec, e: &EngineError) {
+        self.metrics.error(&spec.id, e);
         let mut extra = Map::new();
         extra.insert("error_type".into(), e.error_type().into());
         extra.insert("error_message".into(), e.to_string().into());

@@ -242,6 +242,7 @@ async fn run(shared: Arc<Shared>, spec: WorkerSpec, cancel: CancellationToken) {
                             Err(err) => {
                                 tracing::warn!(error = %err, "the worker process failed its ping; restarting it");
                                 shared.worker_error(&spec, &err).await;
+                                shared.metrics.restart(&spec.id);
                                 e.kill().await;
                             }
                         }
@@ -249,7 +250,8 @@ async fn run(shared: Arc<Shared>, spec: WorkerSpec, cancel: CancellationToken) {
                 }
                 m = inbound.message() => match m {
                     Ok(Some(pb::SubscribeTopicEventsResponse { subscribe_topic_events_response_type: Some(Resp::EventMessage(ev)) })) => {
-                        let status = handle(&shared, &spec, &dir, &mut engine, &mut attempts, &ev).await;
+                        let (status, took) = handle(&shared, &spec, &dir, &mut engine, &mut attempts, &ev).await;
+                        shared.metrics.event(&spec.id, status, took);
                         if tx.send(ack(&ev.id, status)).await.is_err() {
                             break;
                         }
@@ -268,7 +270,8 @@ async fn run(shared: Arc<Shared>, spec: WorkerSpec, cancel: CancellationToken) {
     }
 }
 
-/// Processes one event; returns how to acknowledge it.
+/// Processes one event; returns how to acknowledge it and, when the
+/// worker ran, how long it took.
 async fn handle(
     shared: &Shared,
     spec: &WorkerSpec,
@@ -276,7 +279,7 @@ async fn handle(
     engine: &mut Option<Engine>,
     attempts: &mut HashMap<String, u32>,
     ev: &pb::TopicEventRequest,
-) -> EventStatus {
+) -> (EventStatus, Option<f64>) {
     if engine.is_none() {
         match Engine::start(
             spec.kind,
@@ -292,18 +295,20 @@ async fn handle(
             Err(err) => {
                 tracing::warn!(error = %err, "cannot start the worker process");
                 shared.worker_error(spec, &err).await;
-                return give_up_or_retry(shared, attempts, &ev.id);
+                return (give_up_or_retry(shared, attempts, &ev.id), None);
             }
         }
     }
     let Some(e) = engine.as_mut() else {
-        return EventStatus::Retry;
+        return (EventStatus::Retry, None);
     };
     let input = event_dict(ev, &spec.config);
-    match e
+    let start = std::time::Instant::now();
+    let processed = e
         .process(input.clone(), spec.limits.event_timeout, &shared.api)
-        .await
-    {
+        .await;
+    let took = Some(start.elapsed().as_secs_f64());
+    let status = match processed {
         Ok(None) => {
             attempts.remove(&ev.id);
             EventStatus::Success
@@ -329,11 +334,13 @@ async fn handle(
             if err.needs_restart()
                 && let Some(e) = engine.take()
             {
+                shared.metrics.restart(&spec.id);
                 e.kill().await;
             }
             give_up_or_retry(shared, attempts, &ev.id)
         }
-    }
+    };
+    (status, took)
 }
 
 fn give_up_or_retry(shared: &Shared, attempts: &mut HashMap<String, u32>, id: &str) -> EventStatus {
