@@ -340,15 +340,8 @@ fn check_metrics(prom: &Prometheus) {
             1.0,
         ),
     ];
-    let want_override = std::env::var("VIRTUFIN_TEST_METRICS_OFF_BY").ok();
     for (q, want) in wanted {
-        // A mutation knob for checking that this test can fail: every
-        // expected value shifted by this much.
-        let shift: f64 = want_override
-            .as_deref()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        expect(prom, q, want + shift);
+        expect(prom, q, *want);
     }
 }
 
