@@ -331,7 +331,10 @@ mod tests {
     fn calls_carry_the_tasks_trace_unless_they_name_one() {
         let mut k = KeyInjector::default();
         let req = k.call(tonic::Request::new(())).unwrap();
-        assert!(req.metadata().get(trace::TRACEPARENT).is_none(), "no trace, none sent");
+        assert!(
+            req.metadata().get(trace::TRACEPARENT).is_none(),
+            "no trace, none sent"
+        );
         let ctx = TraceContext::parse(
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
             Some("a=1"),
@@ -339,14 +342,29 @@ mod tests {
         .unwrap();
         let req = trace::sync_scope(ctx.clone(), || k.call(tonic::Request::new(()))).unwrap();
         assert_eq!(
-            req.metadata().get(trace::TRACEPARENT).unwrap().to_str().unwrap(),
+            req.metadata()
+                .get(trace::TRACEPARENT)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             ctx.to_header()
         );
-        assert_eq!(req.metadata().get(trace::TRACESTATE).unwrap().to_str().unwrap(), "a=1");
+        assert_eq!(
+            req.metadata()
+                .get(trace::TRACESTATE)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "a=1"
+        );
         let own = TraceContext::new_root();
         let req = trace::sync_scope(ctx, || k.call(traced((), &own))).unwrap();
         assert_eq!(
-            req.metadata().get(trace::TRACEPARENT).unwrap().to_str().unwrap(),
+            req.metadata()
+                .get(trace::TRACEPARENT)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             own.to_header(),
             "an explicit one wins"
         );

@@ -490,13 +490,13 @@ async fn events_carry_the_callers_trace(kind: Kind) {
     ready(&api).await;
     let mut s = subscribe(&api, "traced", "reader", "g").await;
     let caller = TraceContext::parse(TRACEPARENT, Some("vendor=1")).unwrap();
-    let traced = |e: pb::PublishEventRequest, tp: &str| {
+    fn traced<T>(e: T, tp: &str) -> tonic::Request<T> {
         let mut r = tonic::Request::new(e);
         r.metadata_mut().insert("traceparent", tp.parse().unwrap());
         r.metadata_mut()
             .insert("tracestate", "vendor=1".parse().unwrap());
         r
-    };
+    }
     let event = |id: &str, extra: &[(&str, &str)]| {
         let mut m = md(&[("ce-id", id)]);
         m.extend(md(extra));
