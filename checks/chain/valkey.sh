@@ -84,7 +84,7 @@ listed=$(in_ct virtufin --api-key chain-admin-key-0123456789 gateway invoke webs
 check "the CLI calls the websocketmanager's List through the Gateway" grep -q connections <<<"$listed"
 denied=$(in_ct virtufin --api-key chain-wsm-key-0123456789 state get workmanager anything 2>&1 || true)
 check "the websocketmanager's key cannot read the workmanager's state" grep -q PermissionDenied <<<"$denied"
-audit=$(in_ct journalctl -u virtufin-api -o verbose --no-pager 2>/dev/null | grep -c 'F_CALLER=websocketmanager' || true)
+audit=$(in_ct journalctl -u virtufin-api -o verbose --no-pager 2>/dev/null | grep -c '^ *CALLER=websocketmanager' || true)
 check "audit lines in the journal name the websocketmanager as caller ($audit)" test "${audit:-0}" -gt 0
 
 # --- reload without restart (Type=notify-reload) -------------------------

@@ -23,7 +23,14 @@ fuzz_target!(|i: Input| {
         let _ = (encoding(ct), claims_json(ct));
         md.insert("ce-datacontenttype".into(), ct.clone());
     }
-    let Ok((id, bytes)) = build(&i.topic, &i.data, &md, &Defaults::default(), 64) else {
+    let Ok((id, bytes)) = build(
+        &i.topic,
+        &i.data,
+        &md,
+        &Defaults::default(),
+        64,
+        &virtufin_common::trace::TraceContext::new_root(),
+    ) else {
         return;
     };
     let ev = to_topic_event(&i.topic, "1-0", &bytes, "pubsub");

@@ -13,6 +13,7 @@ use tonic::{
     service::{Interceptor, interceptor::InterceptedService},
     transport::{Channel, Endpoint},
 };
+pub use virtufin_common::trace::{self, TraceContext};
 pub use virtufin_proto::api::v1 as pb;
 use virtufin_proto::api::v1::{
     gateway_client::GatewayClient, health_client::HealthClient, pubsub_client::PubsubClient,
@@ -22,7 +23,11 @@ use virtufin_proto::api::v1::{
 /// The metadata key (and HTTP header) that carries an API key.
 pub const API_KEY_HEADER: &str = "x-api-key";
 
-/// Adds this client's API key, when it has one, to every call.
+/// Adds this client's API key, when it has one, to every call, and the
+/// trace context in force in the calling task
+/// ([`virtufin_common::trace::current`]: the span of the call or event
+/// being handled) as `traceparent`/`tracestate`, unless the request names
+/// one already (see [`traced`]).
 #[derive(Debug, Clone, Default)]
 pub struct KeyInjector(Option<AsciiMetadataValue>);
 
@@ -31,8 +36,22 @@ impl Interceptor for KeyInjector {
         if let Some(key) = &self.0 {
             req.metadata_mut().insert(API_KEY_HEADER, key.clone());
         }
+        if !req.metadata().contains_key(trace::TRACEPARENT)
+            && let Some(ctx) = trace::current()
+        {
+            ctx.inject(req.metadata_mut());
+        }
         Ok(req)
     }
+}
+
+/// A request that carries `ctx` as its `traceparent` (and `tracestate`)
+/// whatever the calling task's context: for a call made outside the work
+/// it belongs to.
+pub fn traced<T>(msg: T, ctx: &TraceContext) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    ctx.inject(req.metadata_mut());
+    req
 }
 
 /// The channel every typed client of this crate runs over.
@@ -301,4 +320,53 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_carry_the_tasks_trace_unless_they_name_one() {
+        let mut k = KeyInjector::default();
+        let req = k.call(tonic::Request::new(())).unwrap();
+        assert!(
+            req.metadata().get(trace::TRACEPARENT).is_none(),
+            "no trace, none sent"
+        );
+        let ctx = TraceContext::parse(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            Some("a=1"),
+        )
+        .unwrap();
+        let req = trace::sync_scope(ctx.clone(), || k.call(tonic::Request::new(()))).unwrap();
+        assert_eq!(
+            req.metadata()
+                .get(trace::TRACEPARENT)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            ctx.to_header()
+        );
+        assert_eq!(
+            req.metadata()
+                .get(trace::TRACESTATE)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            "a=1"
+        );
+        let own = TraceContext::new_root();
+        let req = trace::sync_scope(ctx, || k.call(traced((), &own))).unwrap();
+        assert_eq!(
+            req.metadata()
+                .get(trace::TRACEPARENT)
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            own.to_header(),
+            "an explicit one wins"
+        );
+    }
 }

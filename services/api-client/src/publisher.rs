@@ -3,10 +3,18 @@
 //! traffic): a burst becomes one round trip, and while the api is away the
 //! queue waits and retries instead of dropping — its bound pushes back on
 //! the producers.
+//!
+//! Trace context: each event is stamped with the producer's context (the
+//! task's [`trace::current`], when there is one) as `ce-traceparent`
+//! unless it names one already, so it keeps its trace through the batch.
+//! A batch whose events all belong to one trace is sent with that
+//! `traceparent` as the call's metadata; a mixed batch with none (the
+//! api's span is then a root of its own, and each event still carries
+//! its own trace).
 
 use std::{collections::HashMap, time::Duration};
 
-use crate::{ApiClient, ClientError, pb::PublishEventRequest};
+use crate::{ApiClient, ClientError, TraceContext, pb::PublishEventRequest, trace};
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -32,8 +40,12 @@ impl Publisher {
         (Self { tx }, task)
     }
 
-    /// Queues one event; waits while the queue is full.
-    pub async fn publish(&self, event: PublishEventRequest) {
+    /// Queues one event; waits while the queue is full. The event carries
+    /// the calling task's trace context (see the module's doc).
+    pub async fn publish(&self, mut event: PublishEventRequest) {
+        if let Some(ctx) = trace::current() {
+            ctx.stamp(&mut event.metadata);
+        }
         if self.tx.send(event).await.is_err() {
             tracing::warn!("publisher stopped; event dropped");
         }
@@ -107,6 +119,20 @@ async fn run(
     }
 }
 
+/// The trace every event of `batch` belongs to, if they share one: the
+/// first event's context (the api's span for the call becomes its child).
+fn batch_trace(batch: &[PublishEventRequest]) -> Option<TraceContext> {
+    let of = |e: &PublishEventRequest| {
+        let tp = e.metadata.get(trace::CE_TRACEPARENT)?;
+        TraceContext::parse(tp, e.metadata.get(trace::CE_TRACESTATE).map(String::as_str)).ok()
+    };
+    let first = of(batch.first()?)?;
+    batch[1..]
+        .iter()
+        .all(|e| of(e).is_some_and(|c| c.trace_id == first.trace_id))
+        .then_some(first)
+}
+
 /// Publishes `batch` (emptying it), retrying while the api is away.
 /// Returns false if shutdown came first.
 async fn send(
@@ -115,8 +141,14 @@ async fn send(
     shutdown: &CancellationToken,
 ) -> bool {
     let mut backoff = Duration::from_millis(100);
+    let ctx = batch_trace(batch);
     loop {
-        match api.publish_many(batch.clone()).await {
+        let attempt = api.publish_many(batch.clone());
+        let result = match &ctx {
+            Some(c) => trace::scope(c.clone(), attempt).await,
+            None => attempt.await,
+        };
+        match result {
             Ok(_) => {
                 batch.clear();
                 return true;
@@ -140,5 +172,51 @@ async fn send(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn ev(tp: Option<&str>) -> PublishEventRequest {
+        let mut e = json_event("t", "s", "ty", &Value::Null);
+        if let Some(tp) = tp {
+            e.metadata.insert(trace::CE_TRACEPARENT.into(), tp.into());
+        }
+        e
+    }
+
+    #[test]
+    fn a_batch_has_a_trace_only_when_all_its_events_share_it() {
+        let a = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let a2 = "00-0af7651916cd43dd8448eb211c80319c-1111111111111111-01";
+        let b = "00-1af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let t = batch_trace(&[ev(Some(a)), ev(Some(a2))]).unwrap();
+        assert_eq!(t.to_header(), a);
+        assert!(batch_trace(&[ev(Some(a)), ev(Some(b))]).is_none());
+        assert!(batch_trace(&[ev(Some(a)), ev(None)]).is_none());
+        assert!(batch_trace(&[ev(Some("bad"))]).is_none());
+        assert!(batch_trace(&[]).is_none());
+    }
+
+    #[tokio::test]
+    async fn events_are_stamped_with_the_producers_trace() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let p = Publisher { tx };
+        let ctx = TraceContext::new_root();
+        trace::scope(ctx.clone(), p.publish(ev(None))).await;
+        let e = rx.recv().await.unwrap();
+        assert_eq!(
+            e.metadata.get(trace::CE_TRACEPARENT),
+            Some(&ctx.to_header())
+        );
+        p.publish(ev(None)).await;
+        let e = rx.recv().await.unwrap();
+        assert!(
+            !e.metadata.contains_key(trace::CE_TRACEPARENT),
+            "no trace, none stamped"
+        );
     }
 }

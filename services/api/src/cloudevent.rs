@@ -9,6 +9,8 @@ use serde_json::{Map, Value};
 use virtufin_proto::api::v1::TopicEventRequest;
 use virtufin_store::content_type::{self, DataEncoding};
 
+use virtufin_common::trace::TraceContext;
+
 use crate::{error::ApiError, validate};
 
 /// Attributes with a field of their own in `TopicEventRequest` or that
@@ -47,12 +49,20 @@ impl Default for Defaults {
 /// Builds the envelope for `PublishEvent{topic, data, metadata}`. Missing
 /// id, time and specversion are filled; `ce-<name>` other than the core
 /// attributes becomes the extension `<name>`; other metadata is ignored.
+///
+/// `trace` is the api's span for the call: the event's `traceparent` names
+/// it (and `tracestate` is the call's), unless the publisher gave a valid
+/// `ce-traceparent` — then the event keeps that one and its
+/// `ce-tracestate` unchanged: the publisher said where the event belongs.
+/// An invalid `ce-traceparent` is replaced (logged at debug), never
+/// refused.
 pub fn build(
     topic: &str,
     data: &str,
     metadata: &HashMap<String, String>,
     defaults: &Defaults,
     max_entries: usize,
+    trace: &TraceContext,
 ) -> Result<(String, Vec<u8>), ApiError> {
     if metadata.len() > max_entries {
         return Err(ApiError::invalid(format!(
@@ -143,6 +153,24 @@ pub fn build(
     }
     if get(&attrs, "type").is_none_or(|s| s.is_empty()) {
         attrs.insert("type".into(), Value::String(defaults.event_type.clone()));
+    }
+    let given = get(&attrs, "traceparent");
+    let keep = match given.as_deref() {
+        None => false,
+        Some(tp) => match TraceContext::parse(tp, None) {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(traceparent = %validate::clip(tp), error = %e, "the event's invalid traceparent is replaced by the api's");
+                false
+            }
+        },
+    };
+    if !keep {
+        attrs.insert("traceparent".into(), Value::String(trace.to_header()));
+        match &trace.tracestate {
+            Some(ts) => attrs.insert("tracestate".into(), Value::String(ts.clone())),
+            None => attrs.remove("tracestate"),
+        };
     }
     // daprd replaces `traceparent` with its own trace unless `traceid` is
     // present; Dapr's envelopes carry both with the same value.
@@ -303,6 +331,10 @@ fn raw_event(topic: &str, entry_id: &str, raw: &[u8], pubsub_name: &str) -> Topi
 mod tests {
     use super::*;
 
+    fn tc() -> TraceContext {
+        TraceContext::new_root()
+    }
+
     fn md(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
             .iter()
@@ -327,6 +359,7 @@ mod tests {
             ]),
             &Defaults::default(),
             64,
+            &tc(),
         )
         .unwrap();
         assert_eq!(id, "smoke-1");
@@ -351,8 +384,15 @@ mod tests {
 
     #[test]
     fn fills_missing_attributes() {
-        let (id, bytes) =
-            build("t", "plain text", &HashMap::new(), &Defaults::default(), 64).unwrap();
+        let (id, bytes) = build(
+            "t",
+            "plain text",
+            &HashMap::new(),
+            &Defaults::default(),
+            64,
+            &tc(),
+        )
+        .unwrap();
         assert_eq!(uuid::Uuid::parse_str(&id).map(|_| ()), Ok(()));
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["specversion"], "1.0");
@@ -372,20 +412,28 @@ mod tests {
             md(&[("ce-data", "x")]),
             md(&[("ce-datacontenttype", "application/json")]),
         ] {
-            assert!(build("t", "not json", &m, &d, 64).is_err(), "{m:?}");
+            assert!(build("t", "not json", &m, &d, 64, &tc()).is_err(), "{m:?}");
         }
         let many: HashMap<_, _> = (0..65).map(|i| (format!("ce-x{i}"), "v".into())).collect();
-        assert!(build("t", "x", &many, &d, 64).is_err());
+        assert!(build("t", "x", &many, &d, 64, &tc()).is_err());
     }
 
     #[test]
     fn attribute_names_must_be_lowercase_and_unique() {
         let d = Defaults::default();
-        let err = build("t", "x", &md(&[("ce-ID", "a")]), &d, 64).unwrap_err();
+        let err = build("t", "x", &md(&[("ce-ID", "a")]), &d, 64, &tc()).unwrap_err();
         assert!(err.message.contains("lowercase"), "{err:?}");
-        let err = build("t", "x", &md(&[("ce-id", "a"), ("CE-id", "b")]), &d, 64).unwrap_err();
+        let err = build(
+            "t",
+            "x",
+            &md(&[("ce-id", "a"), ("CE-id", "b")]),
+            &d,
+            64,
+            &tc(),
+        )
+        .unwrap_err();
         assert!(err.message.contains("twice"), "{err:?}");
-        let (id, _) = build("t", "x", &md(&[("CE-id", "b")]), &d, 64).unwrap();
+        let (id, _) = build("t", "x", &md(&[("CE-id", "b")]), &d, 64, &tc()).unwrap();
         assert_eq!(id, "b", "the prefix may be upper case");
     }
 
@@ -398,6 +446,7 @@ mod tests {
             &md(&[("ce-traceparent", tp)]),
             &Defaults::default(),
             64,
+            &tc(),
         )
         .unwrap();
         let v: Value = serde_json::from_slice(&bytes).unwrap();
@@ -411,10 +460,57 @@ mod tests {
             &md(&[("ce-traceparent", tp), ("ce-traceid", "own")]),
             &Defaults::default(),
             64,
+            &tc(),
         )
         .unwrap();
         let v: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(v["traceid"], "own", "a given traceid is kept");
+    }
+
+    #[test]
+    fn the_event_names_the_apis_span_unless_the_publisher_gave_a_valid_one() {
+        let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let call = TraceContext::parse(tp, Some("a=1")).unwrap().child();
+        let json = |m: &HashMap<String, String>| {
+            let (_, b) = build("t", "x", m, &Defaults::default(), 64, &call).unwrap();
+            serde_json::from_slice::<Value>(&b).unwrap()
+        };
+        // None given: the api's span, its tracestate, mirrored as traceid.
+        let v = json(&HashMap::new());
+        assert_eq!(v["traceparent"], call.to_header());
+        assert_eq!(v["traceid"], call.to_header());
+        assert_eq!(v["tracestate"], "a=1");
+        // A valid one given: kept with its tracestate.
+        let own = "00-11111111111111111111111111111111-2222222222222222-00";
+        let v = json(&md(&[("ce-traceparent", own), ("ce-tracestate", "b=2")]));
+        assert_eq!(
+            (v["traceparent"].as_str(), v["tracestate"].as_str()),
+            (Some(own), Some("b=2"))
+        );
+        // An invalid one: replaced, with its tracestate.
+        let v = json(&md(&[
+            ("ce-traceparent", "nonsense"),
+            ("ce-tracestate", "b=2"),
+        ]));
+        assert_eq!(v["traceparent"], call.to_header());
+        assert_eq!(v["tracestate"], "a=1");
+        let v = {
+            let root = TraceContext::new_root();
+            let (_, b) = build(
+                "t",
+                "x",
+                &md(&[("ce-tracestate", "b=2")]),
+                &Defaults::default(),
+                64,
+                &root,
+            )
+            .unwrap();
+            serde_json::from_slice::<Value>(&b).unwrap()
+        };
+        assert!(
+            v.get("tracestate").is_none(),
+            "no state without its traceparent: {v}"
+        );
     }
 
     #[test]
@@ -429,7 +525,8 @@ mod tests {
             ("application/octet-stream", "bytes\u{1}", "data_base64"),
             ("application/ld+json", r#"{"@id":"x"}"#, "data_base64"),
         ] {
-            let (_, bytes) = build("t", data, &md(&[("ce-datacontenttype", ct)]), &d, 64).unwrap();
+            let (_, bytes) =
+                build("t", data, &md(&[("ce-datacontenttype", ct)]), &d, 64, &tc()).unwrap();
             let v: Value = serde_json::from_slice(&bytes).unwrap();
             assert!(v.get(field).is_some(), "{ct}: {v}");
             if ct == "text/json" {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use virtufin_common::trace::TraceContext;
 use virtufin_proto::api::v1::{
     EventStatus, PublishEventRequest, PublishEventResponse, PublishEventsRequest,
     PublishEventsResponse, StatusResponse, SubscribeRequest, SubscribeTopicEventsInitialResponse,
@@ -131,12 +132,14 @@ pub fn subscription_spec(
     })
 }
 
-/// Publishes one event; returns its CloudEvent id.
+/// Publishes one event; returns its CloudEvent id. `trace` is the call's
+/// span (see [`cloudevent::build`] for which traceparent the event gets).
 pub async fn publish(
     app: &App,
     topic: &str,
     data: &str,
     metadata: &HashMap<String, String>,
+    trace: &TraceContext,
 ) -> Result<String, ApiError> {
     validate::topic(topic)?;
     validate::value_size("data", data.len(), app.limits.max_event_bytes)?;
@@ -146,6 +149,7 @@ pub async fn publish(
         metadata,
         &app.event_defaults,
         app.limits.max_metadata_entries,
+        trace,
     )?;
     let backend = app.backend()?;
     backend.pubsub.publish(topic, &bytes).await.api()?;
@@ -159,6 +163,7 @@ pub async fn publish(
 pub async fn publish_many(
     app: &App,
     events: &[PublishEventRequest],
+    trace: &TraceContext,
 ) -> Result<Vec<String>, ApiError> {
     if events.len() > MAX_BATCH {
         return Err(ApiError::invalid(format!(
@@ -183,6 +188,7 @@ pub async fn publish_many(
             &e.metadata,
             &app.event_defaults,
             app.limits.max_metadata_entries,
+            trace,
         )
         .map_err(at)?;
         ids.push(id);
@@ -241,8 +247,9 @@ impl Pubsub for PubsubService {
         &self,
         req: Request<PublishEventRequest>,
     ) -> Result<Response<PublishEventResponse>, Status> {
+        let trace = TraceContext::of(&req);
         let r = req.into_inner();
-        let id = publish(&self.app, &r.topic, &r.data, &r.metadata).await?;
+        let id = publish(&self.app, &r.topic, &r.data, &r.metadata, &trace).await?;
         Ok(Response::new(PublishEventResponse {
             success: true,
             id,
@@ -254,8 +261,9 @@ impl Pubsub for PubsubService {
         &self,
         req: Request<PublishEventsRequest>,
     ) -> Result<Response<PublishEventsResponse>, Status> {
+        let trace = TraceContext::of(&req);
         let r = req.into_inner();
-        let ids = publish_many(&self.app, &r.events).await?;
+        let ids = publish_many(&self.app, &r.events, &trace).await?;
         Ok(Response::new(PublishEventsResponse { ids }))
     }
 

@@ -260,6 +260,9 @@ impl StateApi {
             &md,
             &self.app.event_defaults,
             64,
+            // The write's call (its span), when there is one.
+            &virtufin_common::trace::current()
+                .unwrap_or_else(virtufin_common::trace::TraceContext::new_root),
         );
         match (built, self.app.backend()) {
             (Ok((_, bytes)), Ok(b)) => {

@@ -480,7 +480,105 @@ async fn batches_are_ordered_and_all_or_nothing(kind: Kind) {
     api.stop().await;
 }
 
+/// The trace context of an event: a call's `traceparent` (gRPC metadata)
+/// is the parent of the api's span, which the event names; a valid one the
+/// publisher put in the event itself is kept; an invalid one never fails
+/// the call. `traceid` mirrors `traceparent` (daprd keeps both).
+async fn events_carry_the_callers_trace(kind: Kind) {
+    use virtufin_api_client::TraceContext;
+    let api = start(kind).await;
+    ready(&api).await;
+    let mut s = subscribe(&api, "traced", "reader", "g").await;
+    let caller = TraceContext::parse(TRACEPARENT, Some("vendor=1")).unwrap();
+    fn traced<T>(e: T, tp: &str) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(e);
+        r.metadata_mut().insert("traceparent", tp.parse().unwrap());
+        r.metadata_mut()
+            .insert("tracestate", "vendor=1".parse().unwrap());
+        r
+    }
+    let event = |id: &str, extra: &[(&str, &str)]| {
+        let mut m = md(&[("ce-id", id)]);
+        m.extend(md(extra));
+        pb::PublishEventRequest {
+            topic: "traced".into(),
+            data: "x".into(),
+            metadata: m,
+        }
+    };
+    let own = "00-11111111111111111111111111111111-2222222222222222-00";
+    api.client
+        .pubsub()
+        .publish_event(traced(event("one", &[]), TRACEPARENT))
+        .await
+        .unwrap();
+    api.client
+        .pubsub()
+        .publish_events(traced(
+            pb::PublishEventsRequest {
+                events: vec![
+                    event("two", &[]),
+                    event("own", &[("ce-traceparent", own)]),
+                    event("bad", &[("ce-traceparent", "00-nonsense")]),
+                ],
+            },
+            TRACEPARENT,
+        ))
+        .await
+        .unwrap();
+    // An invalid traceparent on the call: a new trace, not an error.
+    api.client
+        .pubsub()
+        .publish_event(traced(event("root", &[]), "00-zz"))
+        .await
+        .unwrap();
+    let mut by_id = HashMap::new();
+    for _ in 0..5 {
+        let ev = next(&mut s).await;
+        let tp = ext(&ev, "traceparent").expect("every event has a traceparent");
+        assert_eq!(
+            ext(&ev, "traceid"),
+            Some(tp.clone()),
+            "{}: traceid mirrors it",
+            ev.id
+        );
+        by_id.insert(
+            ev.id.clone(),
+            (
+                TraceContext::parse(&tp, None).unwrap(),
+                ext(&ev, "tracestate"),
+            ),
+        );
+    }
+    for id in ["one", "two", "bad"] {
+        let (c, state) = &by_id[id];
+        assert_eq!(c.trace_id, caller.trace_id, "{id}: the caller's trace");
+        assert_ne!(
+            c.span_id, caller.span_id,
+            "{id}: the api's span, not the caller's"
+        );
+        assert_eq!(
+            state.as_deref(),
+            Some("vendor=1"),
+            "{id}: tracestate passed on"
+        );
+    }
+    assert_eq!(by_id["one"].0.flags, caller.flags);
+    assert_eq!(
+        by_id["own"].0.to_header(),
+        own,
+        "the publisher's own is kept"
+    );
+    assert_ne!(by_id["root"].0.trace_id, caller.trace_id, "a new trace");
+    assert_eq!(
+        by_id["root"].1, None,
+        "no tracestate without a valid traceparent"
+    );
+    api.stop().await;
+}
+
 both_backends!(
+    events_carry_the_callers_trace,
     batches_are_ordered_and_all_or_nothing,
     envelope_and_extensions,
     data_of_every_content_type_arrives_unchanged,

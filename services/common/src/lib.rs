@@ -15,6 +15,8 @@ pub mod notify;
 pub mod reload;
 pub mod serve;
 pub mod shutdown;
+pub mod trace;
+pub mod trace_layer;
 pub mod validate;
 
 pub use error::ApiError;

@@ -1,5 +1,7 @@
 //! Logging: to the journal when systemd connected stderr to it
-//! (`JOURNAL_STREAM` is set), to stderr otherwise.
+//! (`JOURNAL_STREAM` is set), to stderr otherwise. In the journal the
+//! fields of an event and of its spans are journal fields of the same name
+//! in upper case, without a prefix (`trace_id` → `TRACE_ID=`).
 //!
 //! The filter: the contents of the file `LOG_FILTER_FILE` names, when set
 //! and the file exists, else `RUST_LOG`, else `info`. A reload (SIGHUP,
@@ -68,7 +70,16 @@ pub fn init(identifier: &str) {
     let _ = FILTER.set(handle);
     let journald = if std::env::var_os("JOURNAL_STREAM").is_some() {
         match tracing_journald::layer() {
-            Ok(layer) => Some(layer.with_syslog_identifier(identifier.to_owned())),
+            // Fields unprefixed (tracing-journald's default is `F_`): a
+            // span's `trace_id` is `TRACE_ID=`, an audit line's `caller` is
+            // `CALLER=` (`journalctl TRACE_ID=…`). No field of ours is named
+            // like a journal field (MESSAGE, PRIORITY, CODE_*, ERRNO,
+            // SYSLOG_*, TARGET, SPAN_*, UNIT, TID, INVOCATION_ID, …).
+            Ok(layer) => Some(
+                layer
+                    .with_syslog_identifier(identifier.to_owned())
+                    .with_field_prefix(None),
+            ),
             Err(e) => {
                 eprintln!("journald unavailable ({e}); logging to stderr");
                 None

@@ -173,13 +173,20 @@ impl Listeners {
     }
 }
 
+/// The gRPC server [`grpc_server`] returns: every call in its trace.
+pub type GrpcServer = tonic::transport::Server<
+    tower_layer::Stack<crate::trace_layer::TraceLayer, tower_layer::Identity>,
+>;
+
 /// A gRPC server with the settings every service shares: HTTP/2 keepalive
 /// pings find clients that vanished without closing (dead subscriptions)
-/// within 40 s.
-pub fn grpc_server() -> tonic::transport::Server {
+/// within 40 s, and every call runs in its trace (the caller's
+/// `traceparent`; see [`crate::trace_layer`]).
+pub fn grpc_server() -> GrpcServer {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(crate::trace_layer::TraceLayer)
 }
 
 /// Adds gRPC reflection (v1, and v1alpha which grpcurl 1.8 uses) over the
@@ -298,6 +305,8 @@ where
             .await
         })
     };
+    // Every HTTP call in its trace too (a `traceparent` header).
+    let http = http.layer(crate::trace_layer::TraceLayer);
     let http = http_listeners
         .into_iter()
         .map(|l| {

@@ -219,6 +219,11 @@ impl Backend {
                 req.metadata_mut().insert(header, v);
             }
         }
+        // The api's span for the call being served: the backend's span
+        // becomes its child.
+        if let Some(ctx) = virtufin_common::trace::current() {
+            ctx.inject(req.metadata_mut());
+        }
         req
     }
 

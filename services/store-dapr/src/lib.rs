@@ -30,6 +30,10 @@
 //!   handler error, which pubsub.redis acknowledges: the event would be
 //!   lost). The in-flight limit is applied here too (daprd pushes).
 //! - sets (registered keys) are JSON lists in state with etag retries.
+//! - every state and publish call carries the api's trace context (the
+//!   span of the call being served) as `traceparent` metadata, so daprd's
+//!   spans join the caller's trace; the event itself carries its
+//!   `traceparent` and, mirrored, `traceid`, which daprd keeps.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -103,6 +107,17 @@ pub struct DaprStore {
         hyper_util::client::legacy::connect::HttpConnector,
         http_body_util::Empty<Bytes>,
     >,
+}
+
+/// A call to daprd carrying the trace context in force (the api's span
+/// for the call being served) as `traceparent` metadata, so daprd's own
+/// spans join the caller's trace.
+fn traced<T>(msg: T) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(ctx) = virtufin_common::trace::current() {
+        ctx.inject(req.metadata_mut());
+    }
+    req
 }
 
 fn status_err(s: tonic::Status) -> StoreError {
@@ -317,10 +332,10 @@ impl DaprStore {
         };
         self.client
             .clone()
-            .save_state(rt::SaveStateRequest {
+            .save_state(traced(rt::SaveStateRequest {
                 store_name: self.options.state_store.clone(),
                 states: vec![item],
-            })
+            }))
             .await
             .map_err(|s| with_key(status_err(s), key))?;
         Ok(())
@@ -337,12 +352,12 @@ impl StateStore for DaprStore {
         let r = self
             .client
             .clone()
-            .get_state(rt::GetStateRequest {
+            .get_state(traced(rt::GetStateRequest {
                 store_name: self.options.state_store.clone(),
                 key: key.to_owned(),
                 consistency: 0,
                 metadata: HashMap::new(),
-            })
+            }))
             .await
             .map_err(status_err)?
             .into_inner();
@@ -362,12 +377,12 @@ impl StateStore for DaprStore {
         let r = self
             .client
             .clone()
-            .get_bulk_state(rt::GetBulkStateRequest {
+            .get_bulk_state(traced(rt::GetBulkStateRequest {
                 store_name: self.options.state_store.clone(),
                 keys: keys.to_vec(),
                 parallelism: 0,
                 metadata: HashMap::new(),
-            })
+            }))
             .await
             .map_err(status_err)?
             .into_inner();
@@ -406,7 +421,7 @@ impl StateStore for DaprStore {
         }
         self.client
             .clone()
-            .delete_state(rt::DeleteStateRequest {
+            .delete_state(traced(rt::DeleteStateRequest {
                 store_name: self.options.state_store.clone(),
                 key: key.to_owned(),
                 etag: etag.map(|e| common_v1::Etag {
@@ -414,7 +429,7 @@ impl StateStore for DaprStore {
                 }),
                 options: Some(state_options()),
                 metadata: HashMap::new(),
-            })
+            }))
             .await
             .map_err(|s| with_key(status_err(s), key))?;
         Ok(true)
@@ -568,13 +583,13 @@ impl PubSub for DaprStore {
         };
         self.client
             .clone()
-            .publish_event(rt::PublishEventRequest {
+            .publish_event(traced(rt::PublishEventRequest {
                 pubsub_name: self.options.pubsub.clone(),
                 topic: topic.to_owned(),
                 data: data.to_vec(),
                 data_content_type: "application/cloudevents+json".into(),
                 metadata: HashMap::new(),
-            })
+            }))
             .await
             .map_err(status_err)?;
         // daprd returns no entry id: the CloudEvent id stands in.
@@ -604,5 +619,22 @@ impl PubSub for DaprStore {
 
     async fn ping(&self) -> Result<()> {
         self.healthz().await
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod trace_tests {
+    use virtufin_common::trace::{self, TraceContext};
+
+    #[tokio::test]
+    async fn calls_to_daprd_carry_the_current_trace() {
+        assert!(super::traced(()).metadata().get("traceparent").is_none());
+        let ctx = TraceContext::new_root();
+        let req = trace::scope(ctx.clone(), async { super::traced(()) }).await;
+        assert_eq!(
+            req.metadata().get("traceparent").unwrap().to_str().unwrap(),
+            ctx.to_header()
+        );
     }
 }

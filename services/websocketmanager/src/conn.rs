@@ -19,6 +19,7 @@ use tokio_tungstenite::{
     tungstenite::{self, Message, protocol::WebSocketConfig},
 };
 use tokio_util::sync::CancellationToken;
+use virtufin_api_client::TraceContext;
 
 use crate::{MESSAGE_TYPE, SOURCE, manager::Shared, metrics::Direction};
 
@@ -73,6 +74,10 @@ pub struct Conn {
     /// The vanished instance this one took the connection over from; said
     /// once, in the first `connected` event (`reclaimed_from`).
     pub reclaimed_from: Mutex<Option<String>>,
+    /// The connection's span: a child of the Connect call's (a new trace
+    /// for one restored or taken over). Its lifecycle events and forwarded
+    /// frames carry it, however much later they come.
+    pub trace: TraceContext,
 }
 
 impl Conn {
@@ -82,6 +87,7 @@ impl Conn {
         auto_reconnect: bool,
         created_at: String,
         topic: Option<String>,
+        trace: TraceContext,
     ) -> (Arc<Self>, mpsc::Receiver<Outgoing>) {
         let (out, rx) = mpsc::channel(64);
         let conn = Arc::new(Self {
@@ -96,6 +102,7 @@ impl Conn {
             stop: CancellationToken::new(),
             finished: watch::Sender::new(false),
             reclaimed_from: Mutex::new(None),
+            trace,
         });
         (conn, rx)
     }
@@ -405,15 +412,10 @@ async fn inbound(shared: &Shared, conn: &Conn, data: Bytes, text: bool) {
         "Payload": payload,
         "ContentType": content_type,
     });
-    shared
-        .publisher
-        .publish(virtufin_api_client::publisher::json_event(
-            &topic,
-            SOURCE,
-            MESSAGE_TYPE,
-            &envelope,
-        ))
-        .await;
+    let mut event =
+        virtufin_api_client::publisher::json_event(&topic, SOURCE, MESSAGE_TYPE, &envelope);
+    conn.trace.stamp(&mut event.metadata);
+    shared.publisher.publish(event).await;
 }
 
 fn fail_pending(conn: &Conn) {

@@ -22,6 +22,7 @@ use crate::{
     conn::{self, Conn, FirstAttempt, Outgoing, Status},
 };
 use virtufin_api_client::publisher::{Publisher, json_event};
+use virtufin_api_client::trace::{self, TraceContext};
 
 /// The websocketmanager's own state service name.
 pub const SERVICE: &str = "websocketmanager";
@@ -166,12 +167,14 @@ impl Shared {
         data.insert("url".into(), conn.url.clone().into());
         data.insert("instance_id".into(), self.instance.clone().into());
         data.extend(extra);
-        let event = json_event(
+        let mut event = json_event(
             crate::STATUS_TOPIC,
             crate::SOURCE,
             &format!("com.virtufin.websocketmanager.connection.{kind}"),
             &Value::Object(data),
         );
+        // The connection's trace, whichever call or task says it.
+        conn.trace.stamp(&mut event.metadata);
         tracing::info!(connection = %conn.id, event = kind, "lifecycle");
         self.publisher.publish(event).await;
     }
@@ -189,6 +192,11 @@ impl Shared {
             rec.auto_reconnect,
             rec.created_at.clone(),
             rec.topic.clone(),
+            // Under the Connect call's span; restored and taken-over
+            // connections (no call) start a trace of their own.
+            trace::current()
+                .map(|c| c.child())
+                .unwrap_or_else(TraceContext::new_root),
         );
         *conn
             .reclaimed_from
@@ -197,9 +205,21 @@ impl Shared {
         self.conns().insert(rec.id.clone(), conn.clone());
         let (shared, c) = (self.clone(), conn.clone());
         self.tasks.spawn(async move {
-            let span = tracing::info_span!("connection", id = %c.id, url = %c.url);
-            tracing::Instrument::instrument(conn::run(shared.clone(), c.clone(), rx, first), span)
-                .await;
+            let span = tracing::info_span!(
+                "connection",
+                id = %c.id,
+                url = %c.url,
+                trace_id = %c.trace.trace_id_hex(),
+                span_id = %c.trace.span_id_hex()
+            );
+            tracing::Instrument::instrument(
+                trace::scope(
+                    c.trace.clone(),
+                    conn::run(shared.clone(), c.clone(), rx, first),
+                ),
+                span,
+            )
+            .await;
             // A given-up connection stays listed (from its record) until
             // Disconnect; the actor itself is gone.
             let mut conns = shared.conns();

@@ -14,6 +14,7 @@ use virtufin_api_client::pb::{
     subscribe_topic_events_request::SubscribeTopicEventsRequestType as Req,
     subscribe_topic_events_response::SubscribeTopicEventsResponseType as Resp,
 };
+use virtufin_api_client::trace::{self, TraceContext};
 
 use crate::{
     engine::{Engine, EngineError, Kind},
@@ -160,6 +161,36 @@ pub fn answer_event(input: &Value, answer: &Value) -> Result<PublishEventRequest
     })
 }
 
+/// The context of handling `ev`: a child of the event's `traceparent`
+/// (the span that published it), or a new trace for an event without a
+/// valid one.
+pub fn event_trace(ev: &pb::TopicEventRequest) -> TraceContext {
+    let attr = |k: &str| {
+        ev.extensions
+            .as_ref()?
+            .fields
+            .get(k)
+            .and_then(|v| match &v.kind {
+                Some(prost_types::value::Kind::StringValue(s)) => Some(s.as_str()),
+                _ => None,
+            })
+    };
+    TraceContext::incoming(attr(trace::TRACEPARENT), attr(trace::TRACESTATE))
+}
+
+/// The answer belongs to the handling of its input: its traceparent names
+/// the workmanager's span for it, whatever trace attributes the worker's
+/// answer copied from the input (which would skip that span, and a copied
+/// `traceid` would no longer match).
+pub fn stamp_answer(out: &mut PublishEventRequest, ctx: &TraceContext) {
+    out.metadata.retain(|k, _| {
+        !["ce-traceparent", "ce-tracestate", "ce-traceid"]
+            .iter()
+            .any(|t| k.eq_ignore_ascii_case(t))
+    });
+    ctx.stamp(&mut out.metadata);
+}
+
 type Inbound = tonic::Streaming<pb::SubscribeTopicEventsResponse>;
 
 /// The worker's consumer name in its group: one per worker and instance, so
@@ -250,7 +281,15 @@ async fn run(shared: Arc<Shared>, spec: WorkerSpec, cancel: CancellationToken) {
                 }
                 m = inbound.message() => match m {
                     Ok(Some(pb::SubscribeTopicEventsResponse { subscribe_topic_events_response_type: Some(Resp::EventMessage(ev)) })) => {
-                        let (status, took) = handle(&shared, &spec, &dir, &mut engine, &mut attempts, &ev).await;
+                        // The event's trace: handling it is a span under
+                        // the one that published it (see event_trace).
+                        let ctx = event_trace(&ev);
+                        let span = ctx.span("event");
+                        let (status, took) = tracing::Instrument::instrument(
+                            trace::scope(ctx, handle(&shared, &spec, &dir, &mut engine, &mut attempts, &ev)),
+                            span,
+                        )
+                        .await;
                         shared.metrics.event(&spec.id, status, took);
                         if tx.send(ack(&ev.id, status)).await.is_err() {
                             break;
@@ -314,7 +353,7 @@ async fn handle(
             EventStatus::Success
         }
         Ok(Some(answer)) => match answer_event(&input, &answer) {
-            Ok(out) => match shared.api.publish_many(vec![out]).await {
+            Ok(out) => match publish_answer(shared, out).await {
                 Ok(_) => {
                     attempts.remove(&ev.id);
                     EventStatus::Success
@@ -343,6 +382,18 @@ async fn handle(
     (status, took)
 }
 
+/// Publishes a worker's answer in the trace of the event it answers (the
+/// scope `run` sets for the handling).
+async fn publish_answer(
+    shared: &Shared,
+    mut out: PublishEventRequest,
+) -> Result<Vec<String>, virtufin_api_client::ClientError> {
+    if let Some(ctx) = trace::current() {
+        stamp_answer(&mut out, &ctx);
+    }
+    shared.api.publish_many(vec![out]).await
+}
+
 fn give_up_or_retry(shared: &Shared, attempts: &mut HashMap<String, u32>, id: &str) -> EventStatus {
     let n = attempts.entry(id.to_owned()).or_insert(0);
     *n += 1;
@@ -368,5 +419,59 @@ mod subscriber_name_tests {
         );
         assert_eq!(subscriber_name("w1", "a b/c@d"), "worker-w1:a-b-c-d");
         assert_eq!(subscriber_name("w1", &"x".repeat(300)).len(), 128);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod trace_tests {
+    use super::*;
+
+    const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn event(ext: &[(&str, &str)]) -> pb::TopicEventRequest {
+        pb::TopicEventRequest {
+            extensions: Some(prost_types::Struct {
+                fields: ext
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            k.to_string(),
+                            prost_types::Value {
+                                kind: Some(prost_types::value::Kind::StringValue(v.to_string())),
+                            },
+                        )
+                    })
+                    .collect(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn handling_an_event_is_a_child_of_its_traceparent() {
+        let c = event_trace(&event(&[("traceparent", TP), ("tracestate", "a=1")]));
+        assert_eq!(c.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(c.parent_span_hex(), "b7ad6b7169203331");
+        assert_eq!(c.tracestate.as_deref(), Some("a=1"));
+        let c = event_trace(&event(&[("traceparent", "bad")]));
+        assert_ne!(c.trace_id_hex(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(c.parent_span, [0; 8]);
+    }
+
+    #[test]
+    fn the_answer_names_the_workmanagers_span_not_a_copied_one() {
+        let input = serde_json::json!({"traceparent": TP, "traceid": TP});
+        let answer =
+            serde_json::json!({"type": "out", "data": {}, "traceparent": TP, "traceid": TP});
+        let mut out = answer_event(&input, &answer).unwrap();
+        assert_eq!(
+            out.metadata.get("ce-traceparent").map(String::as_str),
+            Some(TP)
+        );
+        let ctx = TraceContext::parse(TP, None).unwrap().child();
+        stamp_answer(&mut out, &ctx);
+        assert_eq!(out.metadata.get("ce-traceparent"), Some(&ctx.to_header()));
+        assert!(!out.metadata.contains_key("ce-traceid"));
     }
 }
