@@ -8,6 +8,8 @@
 #     does once it answers;
 #   - the seed's grpcurl smoke check passes inside the container, and each
 #     service's GET /metrics (through its socket unit) says virtufin_ready 1;
+#   - a traceparent sent to the websocketmanager shows up as TRACE_ID= in
+#     its journal and in the api's (the audit of the write it caused);
 #   - kill -9 of the api: systemd restarts it, the websocketmanager
 #     re-handshakes by itself (same PID) and is ready again, no
 #     acknowledged state is lost;

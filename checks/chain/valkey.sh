@@ -87,6 +87,20 @@ check "the websocketmanager's key cannot read the workmanager's state" grep -q P
 audit=$(in_ct journalctl -u virtufin-api -o verbose --no-pager 2>/dev/null | grep -c '^ *CALLER=websocketmanager' || true)
 check "audit lines in the journal name the websocketmanager as caller ($audit)" test "${audit:-0}" -gt 0
 
+say "trace context: one trace id in two units' journals"
+tid=4bf92f3577b34da6a3ce929d0e0e4736
+traced=$(in_ct grpcurl -plaintext -H "traceparent: 00-$tid-00f067aa0ba902b7-01" -d '{"url":"ws://127.0.0.1:9100/"}' 127.0.0.1:5202 virtufin.websocketmanager.v1.WebSocketManager/Connect 2>&1 || true)
+check "grpcurl Connect with a traceparent" grep -q '"id"' <<<"$traced"
+trace_units() { in_ct journalctl "TRACE_ID=$tid" -o json --no-pager 2>/dev/null | python3 -c 'import sys, json; print(" ".join(sorted({json.loads(l).get("_SYSTEMD_UNIT", "?") for l in sys.stdin if l.strip()})))'; }
+units=""
+for _ in $(seq 50); do
+  units=$(trace_units)
+  case "$units" in *virtufin-api.service*virtufin-websocketmanager.service*) break ;; esac
+  sleep 0.1
+done
+check "journalctl TRACE_ID=$tid: the websocketmanager's lines and the api's audit of its write ($units)" \
+  sh -c "case '$units' in *virtufin-api.service*virtufin-websocketmanager.service*) exit 0 ;; *) exit 1 ;; esac"
+
 # --- reload without restart (Type=notify-reload) -------------------------
 # systemd 257 copies a LoadCredential= file only when the service starts
 # (a reload does not refresh it), so keys that change live come from
