@@ -30,12 +30,17 @@
 #     fresh connection per round) through `systemctl restart virtufin-api`,
 #     `kill -9` of the api and a reinstall of the .deb sees 0 refused
 #     connections, 0 timeouts, every call answered (a gRPC or HTTP status);
-#     broken connections only for the calls in flight in the process killed
-#     by kill -9 or reset by a graceful restart (at most one per loop),
-#     none on reinstall;
+#     broken connections only for the call in flight in the process killed
+#     by kill -9 (at most one per loop), none on four restarts or reinstall;
 #   - reload without restart (reload_* in valkey.sh): `systemctl reload` after a key
 #     is added makes it work with the same PID; a broken keys file is
 #     refused (STATUS= and the journal say so) and the old keys keep working;
+#   - chaos under load (chaos.sh): state writes and events with exact
+#     accounting (virtufin-chaosload) while the api, the websocketmanager,
+#     the workmanager and Valkey (appendfsync always) are each killed with
+#     SIGKILL, and a Python worker is killed in the middle of an event:
+#     acknowledged writes all readable, acknowledged events all delivered
+#     and answered, duplicates counted, each fault's recovery time printed;
 # and prints start-to-ready time and idle RSS. Then the dapr pass, on a
 # fresh copy of the same root with daprd (scripts/daprd: packaging/daprd)
 # in /usr/local/bin and the api switched over as the README says:
@@ -118,10 +123,13 @@ prepare_root() {
   rm -rf "$WORK"
   cp -a "$BASE" "$WORK"
   echo "appendonly yes" >>"$WORK/etc/valkey/valkey.conf"
+  # Acknowledged means on disk: the chaos pass kills Valkey with SIGKILL.
+  echo "appendfsync always" >>"$WORK/etc/valkey/valkey.conf"
   echo "127.0.0.1 virtufin-api" >>"$WORK/etc/hosts"
   cp "$grpcurl_bin" "$WORK/usr/local/bin/grpcurl"
   cp target/release/virtufin-ws-echo "$WORK/usr/local/bin/"
   cp target/release/virtufin-callprobe "$WORK/usr/local/bin/"
+  cp target/release/virtufin-chaosload "$WORK/usr/local/bin/"
   cat >"$WORK/etc/systemd/system/ws-echo.service" <<'UNIT'
 [Unit]
 Description=WebSocket echo peer for the chain test

@@ -244,6 +244,9 @@ sockets_checks() {
 
 reload_checks
 sockets_checks
+# shellcheck source=checks/chain/chaos.sh
+. "$(dirname "${BASH_SOURCE[0]}")/chaos.sh"
+chaos_checks
 
 security $UNITS
 
