@@ -104,7 +104,7 @@ for p in filter(str.isdigit, os.listdir("/proc")):
         cmd = open("/proc/%s/cmdline" % p, "rb").read().decode(errors="replace")
     except OSError:
         continue
-    if sys.argv[1] in cmd and "bootstrap.py" in cmd:
+    if int(p) != os.getpid() and sys.argv[1] in cmd and "bootstrap.py" in cmd:
         os.kill(int(p), signal.SIGKILL)
         hit.append(p)
 print("pid " + " ".join(hit) if hit else "")' "$cworker" || true)
