@@ -86,18 +86,36 @@ pub struct Daprd {
     pub http_port: u16,
     dir: tempfile::TempDir,
     options: DaprdOptions,
+    /// The ports were picked here (not given by the caller): a collision
+    /// may pick others.
+    repick_ports: bool,
 }
 
 impl Daprd {
     /// Starts daprd on fresh ports for `valkey` and waits until
     /// `/v1.0/healthz` answers 204.
     pub fn start(binary: &Path, valkey: &ValkeyServer, options: DaprdOptions) -> Self {
-        Self::start_on(binary, valkey.port, free_port(), free_port(), options)
+        let mut d = Self::prepare(binary, valkey.port, free_port(), free_port(), options);
+        d.repick_ports = true;
+        d.spawn();
+        d
     }
 
     /// Starts daprd on the given ports (for a daprd that the api expects
     /// at known ports).
     pub fn start_on(
+        binary: &Path,
+        valkey_port: u16,
+        grpc_port: u16,
+        http_port: u16,
+        options: DaprdOptions,
+    ) -> Self {
+        let mut d = Self::prepare(binary, valkey_port, grpc_port, http_port, options);
+        d.spawn();
+        d
+    }
+
+    fn prepare(
         binary: &Path,
         valkey_port: u16,
         grpc_port: u16,
@@ -139,23 +157,51 @@ impl Daprd {
             std::fs::write(resources.join(format!("{stem}.yaml")), text)
                 .expect("write a resource file");
         }
-        let mut d = Self {
+        Self {
             child: None,
             binary: binary.to_owned(),
             grpc_port,
             http_port,
             dir,
             options,
-        };
-        d.spawn();
-        d
+            repick_ports: false,
+        }
     }
 
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("daprd.log")
     }
 
+    /// Starts daprd and waits until it is healthy. The ports come from
+    /// [`free_port`], free a moment before daprd binds them: another
+    /// process of a parallel test can take one in between (seen under
+    /// load: the internal gRPC port). daprd cannot take a bound socket, so
+    /// a start that failed on "address already in use" is tried again on
+    /// fresh ports (those this helper picked), up to five times.
     fn spawn(&mut self) {
+        for attempt in 1..=5 {
+            let from = self.log().len();
+            match self.spawn_once() {
+                Ok(()) => return,
+                Err(why) => {
+                    let this_try = self.log().get(from..).unwrap_or_default().to_owned();
+                    if attempt < 5 && this_try.contains("address already in use") {
+                        eprintln!(
+                            "daprd lost a port to another process (attempt {attempt}); again on fresh ports"
+                        );
+                        if self.repick_ports {
+                            self.grpc_port = free_port();
+                            self.http_port = free_port();
+                        }
+                        continue;
+                    }
+                    panic!("{why}:\n{}", self.log());
+                }
+            }
+        }
+    }
+
+    fn spawn_once(&mut self) -> Result<(), String> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -182,23 +228,21 @@ impl Daprd {
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", self.binary.display()));
         self.child = Some(child);
-        self.wait_healthy(Duration::from_secs(30));
+        self.wait_healthy(Duration::from_secs(30))
     }
 
-    fn wait_healthy(&mut self, within: Duration) {
+    fn wait_healthy(&mut self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
             if healthz(self.http_port) == Some(204) {
-                return;
+                return Ok(());
             }
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                panic!(
-                    "daprd exited ({status}) before it was healthy:\n{}",
-                    self.log()
-                );
+                self.child = None;
+                return Err(format!("daprd exited ({status}) before it was healthy"));
             }
             if Instant::now() > deadline {
-                panic!("daprd not healthy within {within:?}:\n{}", self.log());
+                return Err(format!("daprd not healthy within {within:?}"));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
