@@ -119,65 +119,37 @@ async fn main() -> anyhow::Result<()> {
     }
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(2);
     let writer = {
-        let (api, args, shared, ready) =
-            (api.clone(), args.clone(), shared.clone(), ready_tx.clone());
-        tokio::spawn(async move {
-            let (mut n, mut last_ok, mut first) = (0u64, Instant::now(), true);
-            while !shared.stop.load(Ordering::Relaxed) {
-                n += 1;
-                let (key, value) = (format!("k{n}"), format!("v{n}"));
-                let call = api.save(SERVICE, &key, &value, "");
-                let ok = matches!(
-                    tokio::time::timeout(args.call_timeout, call).await,
-                    Ok(Ok(_))
-                );
-                {
-                    let mut t = shared.tally();
-                    if ok {
-                        t.writes_acked.push(n);
-                        t.longest_write_gap = t.longest_write_gap.max(last_ok.elapsed());
-                        last_ok = Instant::now();
-                        if std::mem::take(&mut first) {
-                            let _ = ready.try_send(());
-                        }
-                    } else {
-                        t.writes_failed += 1;
-                    }
+        let api = api.clone();
+        tokio::spawn(steady(
+            args.clone(),
+            shared.clone(),
+            ready_tx.clone(),
+            Kind::Write,
+            move |n| {
+                let api = api.clone();
+                async move {
+                    api.save(SERVICE, &format!("k{n}"), &format!("v{n}"), "")
+                        .await
+                        .is_ok()
                 }
-                tokio::time::sleep(args.pause).await;
-            }
-        })
+            },
+        ))
     };
     let publisher = {
-        let (api, args, shared, ready) =
-            (api.clone(), args.clone(), shared.clone(), ready_tx.clone());
-        tokio::spawn(async move {
-            let (mut n, mut last_ok, mut first) = (0u64, Instant::now(), true);
-            while !shared.stop.load(Ordering::Relaxed) {
-                n += 1;
-                let meta = HashMap::from([("ce-id".to_owned(), format!("chaos-{n}"))]);
-                let data = n.to_string();
-                let call = api.publish(EVENTS, &data, meta);
-                let ok = matches!(
-                    tokio::time::timeout(args.call_timeout, call).await,
-                    Ok(Ok(_))
-                );
-                {
-                    let mut t = shared.tally();
-                    if ok {
-                        t.events_acked.insert(n);
-                        t.longest_event_gap = t.longest_event_gap.max(last_ok.elapsed());
-                        last_ok = Instant::now();
-                        if std::mem::take(&mut first) {
-                            let _ = ready.try_send(());
-                        }
-                    } else {
-                        t.events_failed += 1;
-                    }
+        let api = api.clone();
+        tokio::spawn(steady(
+            args.clone(),
+            shared.clone(),
+            ready_tx.clone(),
+            Kind::Event,
+            move |n| {
+                let api = api.clone();
+                async move {
+                    let meta = HashMap::from([("ce-id".to_owned(), format!("chaos-{n}"))]);
+                    api.publish(EVENTS, &n.to_string(), meta).await.is_ok()
                 }
-                tokio::time::sleep(args.pause).await;
-            }
-        })
+            },
+        ))
     };
     drop(ready_tx);
     if let Some(path) = args.ready_file.clone() {
@@ -262,6 +234,60 @@ async fn main() -> anyhow::Result<()> {
     });
     println!("{report}");
     Ok(())
+}
+
+/// What a [`steady`] loop does.
+#[derive(Clone, Copy)]
+enum Kind {
+    Write,
+    Event,
+}
+
+/// Calls `call(1)`, `call(2)`, … every `--pause` until stopped, recording
+/// each `n` as acknowledged (the call returned true within
+/// `--call-timeout`) or not, and the longest time between two
+/// acknowledged calls.
+async fn steady<F, Fut>(
+    args: Arc<Args>,
+    shared: Arc<Shared>,
+    ready: tokio::sync::mpsc::Sender<()>,
+    kind: Kind,
+    call: F,
+) where
+    F: Fn(u64) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let (mut n, mut last_ok, mut first) = (0u64, Instant::now(), true);
+    while !shared.stop.load(Ordering::Relaxed) {
+        n += 1;
+        let ok = matches!(
+            tokio::time::timeout(args.call_timeout, call(n)).await,
+            Ok(true)
+        );
+        {
+            let mut t = shared.tally();
+            let gap = last_ok.elapsed();
+            match (kind, ok) {
+                (Kind::Write, true) => {
+                    t.writes_acked.push(n);
+                    t.longest_write_gap = t.longest_write_gap.max(gap);
+                }
+                (Kind::Event, true) => {
+                    t.events_acked.insert(n);
+                    t.longest_event_gap = t.longest_event_gap.max(gap);
+                }
+                (Kind::Write, false) => t.writes_failed += 1,
+                (Kind::Event, false) => t.events_failed += 1,
+            }
+        }
+        if ok {
+            last_ok = Instant::now();
+            if std::mem::take(&mut first) {
+                let _ = ready.try_send(());
+            }
+        }
+        tokio::time::sleep(args.pause).await;
+    }
 }
 
 /// Reads `topic` in the group `chaos-audit` forever, acknowledging every
