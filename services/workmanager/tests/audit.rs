@@ -17,22 +17,8 @@ async fn audit_lines_name_the_caller_and_the_correlation_id() {
 
     let s = common::stack().await;
     let wm = common::wm(&s, |_| {}).await;
-    // Make the workmanager a Gateway backend of the api (hot reload).
-    std::fs::write(
-        s.state.path().join("services.json"),
-        json!({"services": [{"name": "workmanager", "grpc": {
-            "host": "127.0.0.1", "port": wm.grpc.port(), "reflectionEnabled": true}}]})
-        .to_string(),
-    )
-    .unwrap();
-    common::until(|| async {
-        s.api
-            .gateway()
-            .list_services(api_pb::ListServicesRequest {})
-            .await
-            .is_ok_and(|r| r.into_inner().services == vec!["workmanager"])
-    })
-    .await;
+    // The workmanager as a Gateway backend of the api (hot reload).
+    common::gateway_backend(&s, &wm).await;
 
     // Through the Gateway, with the caller's correlation id.
     let code =

@@ -40,21 +40,7 @@ async fn one_trace_across_the_api_the_workmanager_and_the_worker() {
     let s = stack().await;
     let mut wm = wm(&s, |_| {}).await;
     // The workmanager as a Gateway backend of the api (hot reload).
-    std::fs::write(
-        s.state.path().join("services.json"),
-        json!({"services": [{"name": "workmanager", "grpc": {
-            "host": "127.0.0.1", "port": wm.grpc.port(), "reflectionEnabled": true}}]})
-        .to_string(),
-    )
-    .unwrap();
-    until(|| async {
-        s.api
-            .gateway()
-            .list_services(api_pb::ListServicesRequest {})
-            .await
-            .is_ok_and(|r| r.into_inner().services == vec!["workmanager"])
-    })
-    .await;
+    gateway_backend(&s, &wm).await;
     let mut status = subscribe(&s.api, virtufin_workmanager::STATUS_TOPIC).await;
     let mut inputs = subscribe(&s.api, "trace-in").await;
     let mut answers = subscribe(&s.api, "trace-out").await;

@@ -121,6 +121,26 @@ impl Wm {
     }
 }
 
+/// Names the workmanager `wm` in the api's services file (hot reload) and
+/// waits until the api's Gateway lists it.
+pub async fn gateway_backend(s: &Stack, wm: &Wm) {
+    std::fs::write(
+        s.state.path().join("services.json"),
+        serde_json::json!({"services": [{"name": "workmanager", "grpc": {
+            "host": "127.0.0.1", "port": wm.grpc.port(), "reflectionEnabled": true}}]})
+        .to_string(),
+    )
+    .unwrap();
+    until(|| async {
+        s.api
+            .gateway()
+            .list_services(api_pb::ListServicesRequest {})
+            .await
+            .is_ok_and(|r| r.into_inner().services == vec!["workmanager"])
+    })
+    .await;
+}
+
 pub async fn until<F, Fut>(mut f: F)
 where
     F: FnMut() -> Fut,
