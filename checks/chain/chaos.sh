@@ -84,7 +84,12 @@ PY
   sleep 3
   chaos_kill_unit virtufin-workmanager chaos_worker_running
   sleep 3
+  local api_pid
+  api_pid=$(prop virtufin-api MainPID)
   chaos_kill_unit valkey-server chaos_write_ok
+  # The api's drop-in Requires= Valkey: systemd propagates Valkey's
+  # automatic restart to the api (printed, not judged).
+  echo "   the api's PID across Valkey's restart: $api_pid -> $(prop virtufin-api MainPID)"
   sleep 3
 
   # The worker process, in the middle of a (slow) event.
