@@ -340,18 +340,25 @@ in {
       services.virtufin.api.credentials = mkIf (cfg.backend == "valkey") valkeyCredentials;
 
       # The same binding as the Debian package's postinst drop-in
-      # (Requires=/After= the store), plus daprd with the dapr backend.
+      # (Wants=/After= the store), plus Requires= daprd with the dapr
+      # backend. Wants=, not Requires=, on Valkey: the api waits for it by
+      # itself (not ready, STATUS= says why), and with Requires= systemd
+      # stops and restarts the api whenever Valkey restarts — by its own
+      # Restart= after a crash too — which cuts every open call and stream
+      # for nothing (the chaos pass saw 8 s instead of under 1).
+      # daprd's RestartMode=direct keeps its crash from restarting the api.
       # The api also gates its own READY=1 on daprd's /v1.0/healthz and a
       # state and pub/sub round trip, so After= is ordering, not readiness.
       # An external Valkey is no unit here: the api waits for the network
       # (Wants=, not Requires=: it retries, and says so in STATUS=).
       systemd.services.virtufin-api = {
         wantedBy = ["multi-user.target"];
-        requires =
-          if cfg.backend == "dapr"
-          then [daprUnit]
-          else optional (!external) valkeyUnit;
-        wants = optional (external && cfg.backend == "valkey") online;
+        requires = optional (cfg.backend == "dapr") daprUnit;
+        wants = optional (cfg.backend == "valkey") (
+          if external
+          then online
+          else valkeyUnit
+        );
         after =
           if cfg.backend == "dapr"
           then optional (!external) valkeyUnit ++ [daprUnit]
@@ -393,8 +400,14 @@ in {
         description = "Dapr sidecar of virtufin-api (app-id virtufin-api)";
         documentation = ["https://docs.dapr.io/reference/arguments-annotations-overview/"];
         wantedBy = ["multi-user.target"];
-        requires = optional (!external) valkeyUnit;
-        wants = optional external online;
+        # Like the api: Wants= Valkey (it reconnects by itself).
+        wants = [
+          (
+            if external
+            then online
+            else valkeyUnit
+          )
+        ];
         after = [
           "network.target"
           (

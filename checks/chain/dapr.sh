@@ -17,7 +17,7 @@ boot
 for u in virtufin-daprd $UNITS; do check "$u is active after boot" wait_active "$u"; done
 check "the api Requires= virtufin-daprd ($(prop virtufin-api Requires))" grep -qw virtufin-daprd.service <<<"$(prop virtufin-api Requires)"
 check "the api is After= virtufin-daprd" grep -qw virtufin-daprd.service <<<"$(prop virtufin-api After)"
-check "virtufin-daprd Requires= the store ($(prop virtufin-daprd Requires))" grep -qw valkey-server.service <<<"$(prop virtufin-daprd Requires)"
+check "virtufin-daprd Wants= the store ($(prop virtufin-daprd Wants))" grep -qw valkey-server.service <<<"$(prop virtufin-daprd Wants)"
 health=$(in_ct python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:5001/health").read().decode())' 2>&1 || true)
 check "the api's /health reports the Dapr sidecar at 127.0.0.1:50001 / 3500" grep -q 'the Dapr sidecar at 127.0.0.1:50001 (gRPC) / 3500 (HTTP) answers' <<<"$health"
 # daprd's unit is active only once ExecStartPost saw /v1.0/healthz answer.

@@ -127,8 +127,8 @@
 
   # What a drop-in may carry (README, "NixOS"): the environment (NixOS
   # adds PATH to it), EnvironmentFile=, LoadCredential=, wantedBy, and
-  # for the api Requires=/After= on its store (Wants=/After= the network
-  # with an external Valkey). Everything else —
+  # for the api Wants=/After= its store or Requires=/After= daprd
+  # (Wants=/After= the network with an external Valkey). Everything else —
   # ordering, Type=notify, the watchdog, restart policy, hardening — comes
   # from the packaged unit.
   allowedDropin = s:
@@ -246,13 +246,14 @@
         if s == "api"
         then
           same "${name} packaged: Before=" ["virtufin-websocketmanager.service" "virtufin-workmanager.service"] (words p "Unit" "Before")
-          ++ same "virtufin-api.service drop-in: Requires=" (
-            if backend == "dapr"
-            then ["virtufin-daprd.service"]
-            else lib.optional (external == null) "redis-virtufin.service"
-          ) (words d "Unit" "Requires")
-          # An external Valkey is no unit: the api waits for the network.
-          ++ same "virtufin-api.service drop-in: Wants=" (lib.optional (external != null && backend == "valkey") online) (words d "Unit" "Wants")
+          ++ same "virtufin-api.service drop-in: Requires=" (lib.optional (backend == "dapr") "virtufin-daprd.service") (words d "Unit" "Requires")
+          # Wants= Valkey (a restart of Valkey must not restart the api);
+          # an external Valkey is no unit: the api waits for the network.
+          ++ same "virtufin-api.service drop-in: Wants=" (lib.optional (backend == "valkey") (
+            if external != null
+            then online
+            else "redis-virtufin.service"
+          )) (words d "Unit" "Wants")
           ++ sameSet "virtufin-api.service drop-in: After=" (
             lib.optional (external == null) "redis-virtufin.service"
             ++ lib.optional (backend == "dapr") "virtufin-daprd.service"
@@ -380,8 +381,14 @@
   in
     lib.optionals (runs "api" && backend == "dapr" && u != null) (
       same "virtufin-daprd.service is a unit of its own" false u.dropin
-      ++ same "virtufin-daprd.service Requires=" (lib.optional (external == null) "redis-virtufin.service") (words d "Unit" "Requires")
-      ++ same "virtufin-daprd.service Wants=" (lib.optional (external != null) online) (words d "Unit" "Wants")
+      ++ same "virtufin-daprd.service Requires=" [] (words d "Unit" "Requires")
+      ++ same "virtufin-daprd.service Wants=" [
+        (
+          if external != null
+          then online
+          else "redis-virtufin.service"
+        )
+      ] (words d "Unit" "Wants")
       ++ sameSet "virtufin-daprd.service After=" [
         "network.target"
         (

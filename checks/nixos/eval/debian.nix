@@ -145,7 +145,8 @@ in
   ++ same "the health wait's tries and interval" (budget nHealthy) (budget healthyScript)
   # [Unit] and [Install].
   ++ lib.concatMap (k: same "[Unit] ${k}=" (lib.sort lib.lessThan (lib.concatMap debianStore (words n "Unit" k))) (lib.sort lib.lessThan (words d "Unit" k))) ["After" "Before" "Description" "Documentation"]
-  ++ same "[Unit] Requires= the store (NixOS: in the unit; Debian: postinst's drop-in for virtufin-daprd)" ["redis-virtufin.service"] (words n "Unit" "Requires")
+  ++ same "[Unit] Wants= the store (NixOS: in the unit; Debian: postinst's drop-in for virtufin-daprd)" ["redis-virtufin.service"] (words n "Unit" "Wants")
+  ++ same "packaging/debian/postinst's store drop-in says Wants=, not Requires=" true (lib.hasInfix "[Unit]\\nWants=%s\\nAfter=%s" (read "packaging/debian/postinst"))
   ++ same "packaging/debian/postinst writes the store's drop-in for virtufin-daprd" true (lib.hasInfix "for unit in virtufin-api virtufin-daprd; do" (read "packaging/debian/postinst"))
   ++ same "[Install] WantedBy=" (words n "Install" "WantedBy") (words d "Install" "WantedBy")
   # The api bound to it.
