@@ -185,7 +185,12 @@ impl Daprd {
                 Ok(()) => return,
                 Err(why) => {
                     let this_try = self.log().get(from..).unwrap_or_default().to_owned();
-                    if attempt < 5 && this_try.contains("address already in use") {
+                    // daprd says "address already in use" for its internal
+                    // gRPC port, only "could not listen on any endpoint"
+                    // for its HTTP and gRPC ones (both seen under load).
+                    let lost_port = this_try.contains("address already in use")
+                        || this_try.contains("could not listen on any endpoint");
+                    if attempt < 5 && lost_port {
                         eprintln!(
                             "daprd lost a port to another process (attempt {attempt}); again on fresh ports"
                         );
