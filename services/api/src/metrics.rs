@@ -8,6 +8,7 @@ use virtufin_common::metrics::{Bounded, Counters, Gauges, Metrics};
 use virtufin_store::Outcome;
 
 /// The api's metric families.
+#[derive(Debug)]
 pub struct ApiMetrics {
     pub base: Arc<Metrics>,
     published: Counters,
@@ -17,12 +18,6 @@ pub struct ApiMetrics {
     pending: Gauges,
     topics: Bounded,
     groups: Bounded,
-}
-
-impl std::fmt::Debug for ApiMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiMetrics").finish_non_exhaustive()
-    }
 }
 
 impl ApiMetrics {

@@ -274,6 +274,15 @@ where
     let incoming = tonic::transport::server::TcpIncoming::from(grpc_listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(Duration::from_secs(30)));
+    // Only a socket-activated service lingers: its listening socket stays
+    // with systemd for the next process, so every connection it accepted
+    // is one nobody else will answer. Bound here, the socket closes with
+    // the process anyway (tests, `virtufin up`: no half-second per stop).
+    let linger = if accept_when_ready.is_some() {
+        LINGER
+    } else {
+        Duration::ZERO
+    };
     let gate = |health: Option<crate::Health>, s: CancellationToken| async move {
         let Some(h) = health else { return true };
         tokio::select! {
@@ -300,7 +309,7 @@ where
                 .chain(futures_util::stream::pending());
             grpc.serve_with_incoming_shutdown(incoming, async move {
                 s.cancelled().await;
-                tokio::time::sleep(LINGER).await;
+                tokio::time::sleep(linger).await;
             })
             .await
         })
@@ -331,7 +340,7 @@ where
                 )
                 .with_graceful_shutdown(async move {
                     stop.cancelled().await;
-                    tokio::time::sleep(LINGER).await;
+                    tokio::time::sleep(linger).await;
                 })
                 .await
             })

@@ -10,17 +10,12 @@ use virtufin_common::metrics::{Counters, Gauges, Metrics};
 use crate::{conn::Status, manager::Shared};
 
 /// The websocketmanager's metric families.
+#[derive(Debug)]
 pub struct WsMetrics {
     pub base: Arc<Metrics>,
     frames: Counters,
     reconnects: Counters,
     connections: Gauges,
-}
-
-impl std::fmt::Debug for WsMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WsMetrics").finish_non_exhaustive()
-    }
 }
 
 /// A frame's direction.

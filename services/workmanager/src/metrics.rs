@@ -12,6 +12,7 @@ use virtufin_proto::api::v1::EventStatus;
 use crate::engine::EngineError;
 
 /// The workmanager's metric families.
+#[derive(Debug)]
 pub struct WmMetrics {
     pub base: Arc<Metrics>,
     events: Counters,
@@ -20,12 +21,6 @@ pub struct WmMetrics {
     restarts: Counters,
     duration: Histograms,
     workers: Bounded,
-}
-
-impl std::fmt::Debug for WmMetrics {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WmMetrics").finish_non_exhaustive()
-    }
 }
 
 impl WmMetrics {
