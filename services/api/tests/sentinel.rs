@@ -25,24 +25,38 @@ async fn conn(server: &ValkeyServer) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-/// Waits until `replica` reports its link to the primary up.
-async fn in_sync(replica: &ValkeyServer) {
-    let mut c = conn(replica).await;
+/// Waits until `replica` acknowledges `primary`'s writes: a write of the
+/// test's own, then `WAIT 1` on the same connection. Neither the replica's
+/// `master_link_status:up` nor the primary's `state=online` is that signal:
+/// a replica still loading the snapshot is both, and answers no GETACK
+/// until it is done (seen under stress-ng: the api's confirmed write timed
+/// out right after them, the primary listing the replica at `offset=0`).
+async fn in_sync(primary: &ValkeyServer, replica: &ValkeyServer) {
+    let mut c = conn(primary).await;
+    let _: () = redis::cmd("SET")
+        .arg("test-replica-sync")
+        .arg(replica.port)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    // In short WAITs: the connection's own response timeout is shorter
+    // than the whole wait.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(200)
             .query_async(&mut c)
             .await
             .unwrap();
-        if info.contains("master_link_status:up") {
+        if acked >= 1 {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "replica never in sync: {info}"
+            "replica {} never acknowledged",
+            replica.port
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -57,7 +71,7 @@ fn status(e: &ClientError) -> Code {
 async fn follows_a_failover_and_keeps_what_replicas_confirmed() {
     let primary = ValkeyServer::start();
     let replica = ValkeyServer::start_replica_of(&primary);
-    in_sync(&replica).await;
+    in_sync(&primary, &replica).await;
     let down_after = Duration::from_millis(500);
     let sentinels: Vec<Sentinel> = (0..3)
         .map(|_| Sentinel::start(&primary, "virtufin", 2, down_after))
@@ -74,7 +88,10 @@ async fn follows_a_failover_and_keeps_what_replicas_confirmed() {
     config.backend = Some(BackendKind::Valkey);
     config.valkey_url = Some(url);
     config.valkey_min_replicas = 1;
-    config.valkey_wait_timeout = Duration::from_millis(500);
+    // A replica that acknowledges answers WAIT at once; the bound only
+    // matters when none does (the UNAVAILABLE case below), so it can be
+    // generous for a machine under load.
+    config.valkey_wait_timeout = Duration::from_secs(2);
     let api = common::start_config(config, None).await;
     common::ready(&api).await;
 
@@ -142,7 +159,7 @@ async fn follows_a_failover_and_keeps_what_replicas_confirmed() {
 
     // A new replica of the promoted primary: confirmed again.
     let again = ValkeyServer::start_replica_of(&replica);
-    in_sync(&again).await;
+    in_sync(&replica, &again).await;
     api.client.save("svc", "after", "ok", "").await.unwrap();
     api.stop().await;
 }
