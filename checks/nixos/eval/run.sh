@@ -4,26 +4,17 @@
 # then prints one line per configuration and exits 1 on any failure.
 # Nothing is built and no VM runs.
 #
-# The nixpkgs tree, first found: the argument, $NIXPKGS (a full checkout:
-# there the real firewall and id modules replace their stand-ins), or
-# ../shared/nixpkgs-sparse beside the repository (where CI has it).
-# Without one it prints a SKIP line and exits 0.
+# The nixpkgs tree: see lib.sh. Without one it prints a SKIP line and
+# exits 0.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+. checks/nixos/eval/lib.sh
 
-nixpkgs=${1:-${NIXPKGS:-}}
-if [ -z "$nixpkgs" ] && [ -d ../shared/nixpkgs-sparse ]; then
-  nixpkgs=../shared/nixpkgs-sparse
-fi
+nixpkgs=$(find_nixpkgs "${1:-}")
 if [ -z "$nixpkgs" ]; then
   echo "######## SKIP: NixOS evaluation (checks/nixos/eval) NOT RUN: no nixpkgs tree" \
     "(set NIXPKGS=/path/to/nixpkgs, or provide ../shared/nixpkgs-sparse) ########"
   exit 0
-fi
-nixpkgs=$(cd "$nixpkgs" && pwd)
-if [ ! -f "$nixpkgs/lib/default.nix" ] || [ ! -f "$nixpkgs/nixos/modules/system/boot/systemd.nix" ]; then
-  echo "check-nix: $nixpkgs is not a nixpkgs tree (no lib/default.nix or nixos/modules/system/boot/systemd.nix)" >&2
-  exit 1
 fi
 
 work=$(mktemp -d)
@@ -37,17 +28,8 @@ for f in valkey-password valkey-sentinel-password api.env websocketmanager.env a
   printf '%s-%s\n' "$canary" "$f" >"$work/secrets/$f"
 done
 
-# Text rendered for reading back is written to the store
-# (builtins.toFile): the system store when it is writable, else a store
-# of our own under the cache directory (nix maps its paths).
-nix_args=(--eval --strict --read-write-mode --option build-users-group "")
-args=(--argstr nixpkgs "$nixpkgs" --argstr secrets "$work/secrets" --argstr canary "$canary")
-if ! { [ -w /nix/store ] || { [ ! -e /nix/store ] && [ "$(id -u)" = 0 ]; } || [ -n "${NIX_REMOTE:-}" ]; }; then
-  root="${XDG_CACHE_HOME:-$HOME/.cache}/virtufin-nix-eval"
-  nix_args+=(--store "$root")
-  args+=(--argstr storeRoot "$root")
-fi
-evaluate() { nix-instantiate "${nix_args[@]}" "${args[@]}" "$@"; }
+eval_setup "$nixpkgs"
+args+=(--argstr secrets "$work/secrets" --argstr canary "$canary")
 
 echo "== NixOS evaluation (checks/nixos/eval) with $nixpkgs"
 start=$(date +%s.%N)
