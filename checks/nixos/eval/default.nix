@@ -52,8 +52,19 @@
       then tried.value
       else ["${name}: the evaluation failed (the error follows)"];
   };
+  # The flake's nixos-chain-<backend> VM test node as a host's files, with
+  # its test script (checks/nixos/container runs the one on the other).
+  host = import ./host.nix {inherit lib storeRoot;};
+  base = e.evalSystem [];
+  chainHosts = lib.mapAttrs (backend: node:
+    host {
+      evaluated = node;
+      inherit base;
+    }
+    // {testScript = flakeChecks.report.testScripts.${backend};})
+  flakeChecks.nodes;
 in {
-  inherit configurations;
+  inherit configurations chainHosts;
   caseNames = map (c: c.name) cases;
   # For run.sh's second look at a case that did not evaluate.
   failuresOf = name: check byName.${name} configurations.${name};

@@ -87,6 +87,7 @@
     };
   in {
     inherit (test) testScript;
+    inherit node;
     failures =
       failures "nixos-chain-${backend}: test name" "virtufin-chain-${backend}" test.name
       ++ failures "nixos-chain-${backend}: nodes" ["machine"] (names test.nodes)
@@ -97,6 +98,8 @@
   };
   chains = lib.genAttrs ["valkey" "dapr"] chain;
 in {
+  # The VM tests' nodes, evaluated (checks/nixos/eval/host.nix writes them out).
+  nodes = lib.mapAttrs (_: c: c.node) chains;
   report = {
     failures =
       failures "outputs" ["checks" "devShells" "formatter" "nixosModules" "overlays" "packages"] (names outputs)
