@@ -62,13 +62,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-CACHE=${VIRTUFIN_CHAIN_CACHE:-/var/tmp/virtufin-chain}
-PACKAGES=systemd,systemd-sysv,dbus,valkey-server,ca-certificates,python3
-# The cached root is keyed by its package list.
-BASE=$CACHE/base-trixie-$(echo "$PACKAGES" | md5sum | cut -c1-8)
+. checks/chain/container.sh
 # A run root of its own (VIRTUFIN_CHAIN_WORK) lets two runs share the cache.
 WORK=${VIRTUFIN_CHAIN_WORK:-$CACHE/run}
-MIRROR=${VIRTUFIN_CHAIN_MIRROR:-http://deb.debian.org/debian}
 UNITS="virtufin-api virtufin-websocketmanager virtufin-workmanager"
 failures=0
 passes=0
@@ -78,15 +74,6 @@ pass() { printf 'PASS  %s\n' "$*"; passes=$((passes + 1)); }
 fail() { printf 'FAIL  %s\n' "$*"; failures=$((failures + 1)); }
 check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
 
-apt_updated=""
-need() {
-  command -v "$1" >/dev/null && return 0
-  say "installing $2"
-  [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-}
-need debootstrap debootstrap
-need systemd-nspawn systemd-container
 command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked --quiet cargo-deb; }
 
 say "building release binaries and the .deb"
@@ -107,14 +94,7 @@ case $daprd_status in
   *) fail "scripts/daprd failed (exit $daprd_status): no daprd for the dapr pass"; DAPRD="" ;;
 esac
 
-if [ ! -e "$BASE/.complete" ]; then
-  say "debootstrap trixie (cached in $BASE)"
-  rm -rf "$BASE"
-  mkdir -p "$CACHE"
-  debootstrap --variant=minbase --include="$PACKAGES" \
-    trixie "$BASE" "$MIRROR" >"$CACHE/debootstrap.log" 2>&1
-  touch "$BASE/.complete"
-fi
+ensure_base
 
 # A fresh copy of the cached root with the .deb installed; the arguments,
 # if any, are a shell script run in it after dpkg (the dapr pass's setup).
@@ -145,36 +125,9 @@ UNIT
     { cat "$CACHE/dpkg.log"; exit 1; }
   pass "the .deb installs (units enabled: $(ls "$WORK/etc/systemd/system/multi-user.target.wants" | grep -c virtufin))"
 }
-grpcurl_bin=$(python3 - <<'PY'
-import os, sysconfig, glob
-cands = glob.glob(os.path.join(sysconfig.get_paths()["purelib"], "grpcurl*", "**", "grpcurl"), recursive=True)
-print(next((c for c in cands if os.path.isfile(c) and os.access(c, os.X_OK)), ""))
-PY
-)
-[ -n "$grpcurl_bin" ] || grpcurl_bin=$(command -v grpcurl)
+grpcurl_bin=$(stock_grpcurl)
 
 NSPAWN=""
-boot() {
-  systemd-nspawn -q -D "$WORK" --register=no --keep-unit --private-network -b >"$CACHE/console.log" 2>&1 &
-  NSPAWN=$!
-  # The container's PID 1 is nspawn's child running systemd; nspawn's
-  # short-lived helper child must not be taken for it (that flaked once:
-  # every later nsenter hit a gone PID).
-  LEADER=""
-  for _ in $(seq 100); do
-    for p in $(pgrep -P "$NSPAWN"); do
-      [ "$(cat "/proc/$p/comm" 2>/dev/null)" = systemd ] && { LEADER=$p; break 2; }
-    done
-    sleep 0.1
-  done
-  # Until systemd's bus answers (early on, systemctl cannot connect yet and
-  # prints nothing): then it waits for the boot to finish.
-  for _ in $(seq 100); do
-    [ -n "$(in_ct systemctl is-system-running --wait 2>/dev/null)" ] && break
-    sleep 0.1
-  done
-}
-in_ct() { nsenter -t "$LEADER" -a "$@"; }
 prop() { in_ct systemctl show -P "$2" "$1"; }
 wait_active() { for _ in $(seq 300); do [ "$(in_ct systemctl is-active "$1")" = active ] && return 0; sleep 0.1; done; return 1; }
 cleanup() { [ -n "$NSPAWN" ] && kill "$NSPAWN" 2>/dev/null || true; }
@@ -188,11 +141,6 @@ sys.exit(0 if any(x["subscriber"] == sys.argv[1] for x in s["subscriptions"]) el
 }
 wait_subscribed() { for _ in $(seq 100); do subscribed_as "$1" && return 0; sleep 0.1; done; return 1; }
 
-poweroff_ct() {
-  in_ct systemctl poweroff || true
-  wait "$NSPAWN" || true
-  NSPAWN=""
-}
 # The unit is ready again (its own STATUS=) and the CLI's call answers.
 ready_again() {
   local unit=$1; shift
