@@ -40,6 +40,15 @@ ensure_base() {
   fi
 }
 
+# The release binaries both container tests install, built with one
+# package set (so one feature set: the second test's build is a no-op).
+# The workmanager package also builds virtufin-worker-host (its native
+# host); testkit's binaries are the chain test's peers.
+build_release() {
+  cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocketmanager \
+    -p virtufin-workmanager -p virtufin-testkit --bins
+}
+
 # Boots the root $1 (console to $2) in the background; sets NSPAWN (the
 # systemd-nspawn process) and LEADER (the container's PID 1) and returns
 # once the boot has finished (`systemctl is-system-running --wait`).

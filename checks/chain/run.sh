@@ -77,8 +77,7 @@ check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; f
 command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked --quiet cargo-deb; }
 
 say "building release binaries and the .deb"
-# The workmanager package also builds virtufin-worker-host (its native host).
-cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocketmanager -p virtufin-workmanager -p virtufin-testkit --bins
+build_release
 # The example native worker (a cdylib) the chain test runs.
 cargo build --release --locked -p virtufin-worker-example-echo
 cargo deb -p virtufin --no-build --locked >/dev/null

@@ -35,7 +35,7 @@ eval_setup "$nixpkgs"
 command -v nix-instantiate >/dev/null || { echo "nix-instantiate missing: run scripts/check-nix first (it installs nix-bin)" >&2; exit 1; }
 
 ensure_base
-cargo build --release --locked -p virtufin -p virtufin-api -p virtufin-websocketmanager -p virtufin-workmanager --bins
+build_release
 grpcurl=$(stock_grpcurl)
 
 work=$(mktemp -d)
