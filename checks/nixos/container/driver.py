@@ -181,29 +181,23 @@ class Machine:
                 output += out
         return output
 
-    def wait_until_succeeds(self, command, timeout=900):
+    def _wait_until(self, command, timeout, succeeds):
         output = ""
 
         def check(_last):
             nonlocal output
             status, output = self.execute(command, timeout=timeout)
-            return status == 0
+            return (status == 0) == succeeds
 
-        with nested(f"{self.name}: waiting for success: {command}"):
+        with nested(f"{self.name}: waiting for {'success' if succeeds else 'failure'}: {command}"):
             retry(check, timeout)
             return output
+
+    def wait_until_succeeds(self, command, timeout=900):
+        return self._wait_until(command, timeout, succeeds=True)
 
     def wait_until_fails(self, command, timeout=900):
-        output = ""
-
-        def check(_last):
-            nonlocal output
-            status, output = self.execute(command, timeout=timeout)
-            return status != 0
-
-        with nested(f"{self.name}: waiting for failure: {command}"):
-            retry(check, timeout)
-            return output
+        return self._wait_until(command, timeout, succeeds=False)
 
     def systemctl(self, q, user=None):
         if user is not None:
