@@ -322,12 +322,26 @@ pub async fn retry_redelivers_and_drop_does_not(b: Backend) {
     p.publish("t.retry", b"again").await.unwrap();
     p.publish("t.retry", b"bad").await.unwrap();
     let a = next(&mut s).await;
-    let bad = next(&mut s).await;
+    let mut bad = next(&mut s).await;
+    let (a, bad) = if b.kind == "dapr" && a.data == b"bad"[..] {
+        // Not in publish order on Dapr (see batches_publish_in_order; seen
+        // under stress-ng: "again" second).
+        (bad, a)
+    } else {
+        // A machine so busy that "bad" came after the 300 ms processing
+        // timeout may deliver "again" once more first (at least once).
+        while bad.entry_id == a.entry_id {
+            bad = next(&mut s).await;
+        }
+        (a, bad)
+    };
+    assert_eq!(a.data, &b"again"[..]);
     assert_eq!(bad.data, &b"bad"[..]);
     s.settle(&a.entry_id, Outcome::Retry);
     s.settle(&bad.entry_id, Outcome::Drop);
     let a2 = next(&mut s).await;
-    assert_eq!((a2.entry_id.as_str(), a2.attempt), (a.entry_id.as_str(), 2));
+    assert_eq!(a2.entry_id, a.entry_id);
+    assert!(a2.attempt > a.attempt, "marked as a redelivery: {a2:?}");
     s.settle(&a2.entry_id, Outcome::Success);
     nothing_for(&mut s, Duration::from_millis(600)).await;
 }
