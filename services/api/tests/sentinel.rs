@@ -164,6 +164,100 @@ async fn follows_a_failover_and_keeps_what_replicas_confirmed() {
     api.stop().await;
 }
 
+/// Waits until each of `sentinels` knows the `others` other Sentinels
+/// (they find each other through the primary, every 2 s): a failover
+/// needs a majority of the Sentinels one knows.
+async fn sentinels_know_each_other(sentinels: &[Sentinel], others: usize) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for s in sentinels {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{}", s.port))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        loop {
+            let known: Vec<redis::Value> = redis::cmd("SENTINEL")
+                .arg("SENTINELS")
+                .arg("virtufin")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if known.len() >= others {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "sentinel {} knows {} others",
+                s.port,
+                known.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A primary and a Sentinel that go silent (SIGSTOP: their ports still
+/// take connections, nothing answers) are left behind in bounded time: the
+/// api asks each Sentinel, and connects to the primary it names, for at
+/// most its response timeout (5 s), so it follows the failover the two
+/// other Sentinels make. (What a powered-off host does to connections —
+/// no answer to the connect itself — is the multi-host test's:
+/// checks/multihost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_primary_and_sentinel_are_left_in_bounded_time() {
+    let primary = ValkeyServer::start();
+    let replica = ValkeyServer::start_replica_of(&primary);
+    in_sync(&primary, &replica).await;
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|_| Sentinel::start(&primary, "virtufin", 2, Duration::from_millis(500)))
+        .collect();
+    sentinels_know_each_other(&sentinels, 2).await;
+    let url = format!(
+        "redis+sentinel://{}/virtufin",
+        sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let mut config = common::test_config();
+    config.backend = Some(BackendKind::Valkey);
+    config.valkey_url = Some(url);
+    let api = common::start_config(config, None).await;
+    common::ready(&api).await;
+    api.client.save("svc", "k", "one", "").await.unwrap();
+
+    // The first Sentinel listed and the primary go silent; the two others
+    // promote the replica.
+    sentinels[0].pause();
+    primary.pause();
+    let started = tokio::time::Instant::now();
+    loop {
+        if api.client.save("svc", "k", "two", "").await.is_ok() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the api did not follow the failover past the silent primary and Sentinel in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("failover followed in {:?}", started.elapsed());
+    let on_promoted: Option<String> = redis::cmd("HGET")
+        .arg("virtufin-api||svc/k")
+        .arg("data")
+        .query_async(&mut conn(&replica).await)
+        .await
+        .unwrap();
+    assert_eq!(
+        on_promoted.as_deref(),
+        Some("two"),
+        "written to the promoted replica"
+    );
+    sentinels[0].resume();
+    api.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sentinel_urls_are_refused_with_the_rule() {
     for (url, says) in [

@@ -63,6 +63,12 @@ pub struct ValkeyServer {
 }
 
 impl ValkeyServer {
+    /// Stops the server's process (SIGSTOP): its port still takes
+    /// connections, nothing answers them — as a host that went silent.
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
     /// Starts a server without persistence on a port this test bound.
     pub fn start() -> Self {
         Self::start_on(free_port(), None, false)
@@ -257,6 +263,27 @@ impl Sentinel {
             _dir: dir,
         }
     }
+
+    /// Stops the Sentinel's process (SIGSTOP): its port still takes
+    /// connections, nothing answers them.
+    pub fn pause(&self) {
+        signal(self.child.id(), "-STOP");
+    }
+
+    /// Lets a paused Sentinel run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+}
+
+/// Sends `sig` (kill(1)'s spelling, e.g. `-STOP`) to process `pid`.
+fn signal(pid: u32, sig: &str) {
+    let sent = Command::new("kill")
+        .arg(sig)
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(sent, "kill {sig} {pid} failed");
 }
 
 impl Drop for Sentinel {

@@ -9,7 +9,10 @@
 //! ConnectionManager reconnects by itself.
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -95,9 +98,55 @@ struct Current {
     conn: ConnectionManager,
 }
 
+/// The Sentinels, each asked on its own and for a bounded time: redis-rs'
+/// SentinelClient asks its Sentinels in turn with no connect or answer
+/// timeout, so one whose host is gone (powered off, cut off the network)
+/// or that hangs held the ask — and every command waiting to move with
+/// it — for as long as the kernel retried (35 s after a power-off in the
+/// multi-host test), or for ever when it was the first one listed.
+struct Sentinels {
+    primary: String,
+    /// Each Sentinel's address (for errors) and a client asking only it.
+    each: Vec<(String, tokio::sync::Mutex<SentinelClient>)>,
+    /// The one that answered last is asked first.
+    last_good: AtomicUsize,
+    /// Longest ask of one Sentinel, with its check of the primary it names.
+    limit: Duration,
+}
+
+impl Sentinels {
+    /// A client of the primary the Sentinels name now.
+    async fn resolve(&self) -> Result<Client> {
+        let n = self.each.len();
+        let first = self.last_good.load(Ordering::Relaxed);
+        let mut why = Vec::with_capacity(n);
+        for i in 0..n {
+            let k = (first + i) % n;
+            let (addr, sentinel) = &self.each[k];
+            let ask = async { sentinel.lock().await.async_get_client().await };
+            match tokio::time::timeout(self.limit, ask).await {
+                Ok(Ok(client)) => {
+                    self.last_good.store(k, Ordering::Relaxed);
+                    return Ok(client);
+                }
+                Ok(Err(e)) => why.push(format!("{addr}: {e}")),
+                Err(_) => why.push(format!(
+                    "{addr}: no answer within {:?} (from it or the primary it names)",
+                    self.limit
+                )),
+            }
+        }
+        Err(StoreError::Unavailable(format!(
+            "no primary '{}' from Valkey Sentinel ({})",
+            self.primary,
+            why.join("; ")
+        )))
+    }
+}
+
 /// The connection to the primary, shared by clones of the store.
 pub(super) struct Primary {
-    sentinel: Option<(tokio::sync::Mutex<SentinelClient>, String)>,
+    sentinel: Option<Sentinels>,
     current: RwLock<Arc<Current>>,
     /// One move at a time.
     moving: tokio::sync::Mutex<()>,
@@ -106,10 +155,18 @@ pub(super) struct Primary {
 
 impl Primary {
     pub(super) async fn connect(options: &ValkeyOptions) -> Result<Self> {
-        let config = ConnectionManagerConfig::new()
+        let mut config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(options.response_timeout))
             .set_response_timeout(Some(options.response_timeout))
             .set_max_delay(Duration::from_secs(2));
+        if parse_sentinel_url(&options.url).is_some() {
+            // With Sentinel, a primary that cannot be reached is Sentinel's
+            // to replace: one more try, then the error, and the next command
+            // asks Sentinel (follow). redis-rs' default, six tries with
+            // back-off during which every command waits, kept the api on a
+            // powered-off primary's host for 35 s (multi-host test).
+            config = config.set_number_of_retries(1);
+        }
         let invalid = |e: String| StoreError::Backend(format!("invalid Valkey URL: {e}"));
         let sentinel = match parse_sentinel_url(&options.url) {
             None => None,
@@ -122,32 +179,40 @@ impl Primary {
                 if let Some(p) = &options.password {
                     node = node.set_password(p);
                 }
-                let sentinels: Vec<ConnectionInfo> = url
+                let each = url
                     .sentinels
                     .iter()
                     .map(|(h, p)| {
-                        let mut info = (h.as_str(), *p)
+                        let mut info: ConnectionInfo = (h.as_str(), *p)
                             .into_connection_info()
                             .map_err(|e| invalid(e.to_string()))?;
                         if let Some(pw) = &options.sentinel_password {
                             let r = info.redis_settings().clone().set_password(pw);
                             info = info.set_redis_settings(r);
                         }
-                        Ok(info)
+                        let client = SentinelClient::build(
+                            vec![info],
+                            url.primary.clone(),
+                            Some(
+                                SentinelNodeConnectionInfo::default()
+                                    .set_redis_connection_info(node.clone()),
+                            ),
+                            SentinelServerType::Master,
+                        )
+                        .map_err(|e| invalid(e.to_string()))?;
+                        Ok((format!("{h}:{p}"), tokio::sync::Mutex::new(client)))
                     })
                     .collect::<Result<_>>()?;
-                let client = SentinelClient::build(
-                    sentinels,
-                    url.primary.clone(),
-                    Some(SentinelNodeConnectionInfo::default().set_redis_connection_info(node)),
-                    SentinelServerType::Master,
-                )
-                .map_err(|e| invalid(e.to_string()))?;
-                Some((tokio::sync::Mutex::new(client), url.primary))
+                Some(Sentinels {
+                    primary: url.primary,
+                    each,
+                    last_good: AtomicUsize::new(0),
+                    limit: options.response_timeout,
+                })
             }
         };
         let client = match &sentinel {
-            Some((s, name)) => resolve(s, name).await?,
+            Some(s) => s.resolve().await?,
             None => {
                 let mut info = options
                     .url
@@ -197,25 +262,32 @@ impl Primary {
     /// Moves to the primary Sentinel names now, unless a move since
     /// `generation` already happened. Without Sentinel: nothing to do.
     pub(super) async fn follow(&self, generation: u64) -> Result<()> {
-        let Some((sentinel, name)) = &self.sentinel else {
+        let Some(sentinels) = &self.sentinel else {
             return Ok(());
         };
         let _one = self.moving.lock().await;
         if self.now().generation != generation {
             return Ok(());
         }
-        let client = resolve(sentinel, name).await?;
-        let conn = ConnectionManager::new_with_config(client.clone(), self.config.clone())
-            .await
-            .map_err(map_err)?;
+        let client = sentinels.resolve().await?;
         let addr = client.get_connection_info().addr().to_string();
+        let connect = ConnectionManager::new_with_config(client.clone(), self.config.clone());
+        let conn = tokio::time::timeout(sentinels.limit, connect)
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "Valkey's primary '{}' at {addr}, as Sentinel names it, does not answer within {:?}",
+                    sentinels.primary, sentinels.limit
+                ))
+            })?
+            .map_err(map_err)?;
         let mut cur = self.current.write().unwrap_or_else(|p| p.into_inner());
         *cur = Arc::new(Current {
             generation: generation + 1,
             client,
             conn,
         });
-        tracing::info!(primary = %name, address = %addr, "following Valkey's primary as Sentinel names it");
+        tracing::info!(primary = %sentinels.primary, address = %addr, "following Valkey's primary as Sentinel names it");
         Ok(())
     }
 
@@ -247,12 +319,6 @@ impl Primary {
             }
         }
     }
-}
-
-async fn resolve(sentinel: &tokio::sync::Mutex<SentinelClient>, name: &str) -> Result<Client> {
-    sentinel.lock().await.async_get_client().await.map_err(|e| {
-        StoreError::Unavailable(format!("no primary '{name}' from Valkey Sentinel: {e}"))
-    })
 }
 
 fn is_readonly(e: &RedisError) -> bool {
