@@ -52,9 +52,10 @@ build_release() {
 # Boots the root $1 (console to $2) in the background; sets NSPAWN (the
 # systemd-nspawn process) and LEADER (the container's PID 1) and returns
 # once the boot has finished (`systemctl is-system-running --wait`).
+# Further arguments go to systemd-nspawn (e.g. --network-bridge=BR).
 boot() {
   local root=${1:-$WORK} log=${2:-$CACHE/console.log}
-  systemd-nspawn -q -D "$root" --register=no --keep-unit --private-network -b >"$log" 2>&1 </dev/null &
+  systemd-nspawn -q -D "$root" --register=no --keep-unit --private-network "${@:3}" -b >"$log" 2>&1 </dev/null &
   NSPAWN=$!
   # The container's PID 1 is nspawn's child running systemd; nspawn's
   # short-lived helper child must not be taken for it (that flaked once:
