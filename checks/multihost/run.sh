@@ -20,7 +20,7 @@
 # Afterwards: every acknowledged write readable, every acknowledged event
 # delivered and answered (0 lost), duplicates counted.
 #
-#   checks/multihost/run.sh            (root; about 2 min after the builds)
+#   checks/multihost/run.sh            (root; about 2.5 min after the builds)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . checks/chain/container.sh
@@ -49,6 +49,7 @@ cleanup() {
 trap cleanup EXIT
 
 command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked --quiet cargo-deb; }
+need ip iproute2
 ensure_base
 say "building release binaries and the .deb"
 build_release
