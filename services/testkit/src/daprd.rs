@@ -239,12 +239,13 @@ impl Daprd {
     fn wait_healthy(&mut self, within: Duration) -> Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
-            if healthz(self.http_port) == Some(204) {
-                return Ok(());
-            }
+            // Exit first: a 204 must come from a daprd that is still ours.
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
                 self.child = None;
                 return Err(format!("daprd exited ({status}) before it was healthy"));
+            }
+            if healthz(self.http_port) == Some(204) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!("daprd not healthy within {within:?}"));

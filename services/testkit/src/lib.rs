@@ -45,10 +45,24 @@ pub fn which(name: &str) -> Option<PathBuf> {
 }
 
 /// A port that was free a moment ago: bound by the test, then released for
-/// the server that is about to take it.
+/// the server that is about to take it. Never the same port twice in one
+/// test process: the kernel hands a just-released port out again, so two
+/// parallel tests could otherwise both be given it, and the loser's health
+/// check would be answered by the winner's server (seen in CI: a daprd that
+/// died on "could not listen" looked healthy through another test's daprd).
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        let port = l.local_addr().expect("local_addr").port();
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 /// A running valkey-server/redis-server, killed on drop.
@@ -369,4 +383,18 @@ pub async fn ws_echo() -> String {
     };
     tokio::spawn(ws_echo_serve(l));
     url
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// Thousands of picks from one process (a test binary's lifetime) are
+    /// all distinct, although the kernel repeats released ports.
+    #[test]
+    fn free_port_never_repeats_in_a_process() {
+        let picks: Vec<u16> = (0..3000).map(|_| super::free_port()).collect();
+        let distinct: BTreeSet<_> = picks.iter().collect();
+        assert_eq!(distinct.len(), picks.len(), "a port was handed out twice");
+    }
 }
