@@ -147,7 +147,7 @@ pub async fn run(addr: &str, api: &str, cmd: WorkersCmd) -> anyhow::Result<ExitC
                 };
                 println!(
                     "{}",
-                    json!({"id": w.id, "status": status, "language": w.language, "mime_type": w.mime_type, "topic": w.topic, "group": w.group, "created_at": w.created_at, "tags": w.tags})
+                    json!({"id": w.id, "status": status, "language": w.language, "mime_type": w.mime_type, "topic": w.topic, "group": w.group, "created_at": w.created_at, "tags": w.tags, "instances": w.instances})
                 );
             }
         }

@@ -83,6 +83,11 @@ impl ValkeyServer {
         signal(self.child.id(), "-STOP");
     }
 
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.child.id(), "-CONT");
+    }
+
     /// Starts a server without persistence on a port this test bound.
     pub fn start() -> Self {
         Self::start_on(free_port(), None, false)

@@ -74,6 +74,11 @@ pub struct Conn {
     /// The vanished instance this one took the connection over from; said
     /// once, in the first `connected` event (`reclaimed_from`).
     pub reclaimed_from: Mutex<Option<String>>,
+    /// The instance that took the connection over while this one could not
+    /// reach the store (a partition longer than the reclaim grace); said
+    /// in the `disconnected` event this instance sends as it lets go
+    /// (`reclaimed_by`).
+    pub taken_by: Mutex<Option<String>>,
     /// The connection's span: a child of the Connect call's (a new trace
     /// for one restored or taken over). Its lifecycle events and forwarded
     /// frames carry it, however much later they come.
@@ -102,6 +107,7 @@ impl Conn {
             stop: CancellationToken::new(),
             finished: watch::Sender::new(false),
             reclaimed_from: Mutex::new(None),
+            taken_by: Mutex::new(None),
             trace,
         });
         (conn, rx)
@@ -310,7 +316,16 @@ pub async fn run(
             // Disconnect removes it.
             shared.persist(&conn).await;
         }
-        shared.lifecycle(&conn, "disconnected", Map::new()).await;
+        let mut extra = Map::new();
+        if let Some(by) = conn
+            .taken_by
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            extra.insert("reclaimed_by".into(), by.into());
+        }
+        shared.lifecycle(&conn, "disconnected", extra).await;
     }
     conn.finished.send_replace(true);
 }

@@ -202,7 +202,12 @@ async fn startup(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = heartbeat.tick() => match shared.heartbeat().await {
-                Ok(()) => state_check.pass("state write/read round trip through the api succeeded"),
+                Ok(()) => {
+                    state_check.pass("state write/read round trip through the api succeeded");
+                    if let Err(e) = shared.let_go_of_lost().await {
+                        tracing::warn!(error = %e, "could not check which connections are still this instance's");
+                    }
+                }
                 Err(e) => state_check.fail(format!("state round trip through the api failed: {e}")),
             },
             _ = reclaim.tick() => {

@@ -72,6 +72,19 @@ pub struct Shared {
     conns: Mutex<HashMap<String, Arc<Conn>>>,
     tasks: TaskTracker,
     pub metrics: crate::metrics::WsMetrics,
+    /// How this instance's own heartbeats went: a reclaim needs them to
+    /// have worked, without a gap, for longer than the grace. Otherwise a
+    /// store outage (a failover) longer than the grace would look like
+    /// the death of every other instance.
+    beats: Mutex<Beats>,
+}
+
+#[derive(Debug, Default)]
+struct Beats {
+    /// The last heartbeat that succeeded.
+    last_ok: Option<std::time::Instant>,
+    /// Since when they have succeeded without a failure or a gap.
+    ok_since: Option<std::time::Instant>,
 }
 
 /// rustls with the ring provider and the system's root certificates.
@@ -110,6 +123,7 @@ impl Shared {
             conns: Mutex::new(HashMap::new()),
             tasks: TaskTracker::new(),
             metrics: crate::metrics::WsMetrics::new(),
+            beats: Mutex::new(Beats::default()),
         });
         shared.metrics.follow(Arc::downgrade(&shared));
         Ok(shared)
@@ -140,16 +154,81 @@ impl Shared {
         }
     }
 
-    /// Writes the connection's record. A failure is logged: the next
-    /// change (or the api coming back) writes it again.
+    /// Writes the connection's record, unless another instance has taken
+    /// it over meanwhile (this one was cut off from the store for longer
+    /// than the reclaim grace): then this instance lets it go rather than
+    /// claim it back, so that the peer does not keep two connections. The
+    /// write is guarded by the etag just read, so a take-over between the
+    /// read and the write wins. A failure is logged: the next change (or
+    /// the api coming back) writes it again.
     pub async fn persist(&self, conn: &Conn) {
         let rec = self.record(conn);
         let Ok(json) = serde_json::to_string(&rec) else {
             return;
         };
-        if let Err(e) = self.api.save(SERVICE, &conn_key(&conn.id), &json, "").await {
+        let key = conn_key(&conn.id);
+        let etag = match self.api.get(SERVICE, &key).await {
+            Ok(Some((value, etag))) => match serde_json::from_str::<Record>(&value) {
+                Ok(r) if r.instance_id != self.instance => {
+                    self.let_go(conn, r.instance_id);
+                    return;
+                }
+                _ => etag,
+            },
+            // Not written yet (a new connection).
+            Ok(None) => String::new(),
+            Err(e) => {
+                tracing::warn!(connection = %conn.id, error = %e, "could not persist the connection");
+                return;
+            }
+        };
+        if let Err(e) = self.api.save(SERVICE, &key, &json, &etag).await {
             tracing::warn!(connection = %conn.id, error = %e, "could not persist the connection");
         }
+    }
+
+    /// Stops this instance's actor of a connection that `owner` has taken
+    /// over; its `disconnected` event names the new owner.
+    fn let_go(&self, conn: &Conn, owner: String) {
+        tracing::warn!(
+            connection = %conn.id,
+            %owner,
+            "another instance took this connection over while this one could not reach the store; letting it go"
+        );
+        *conn.taken_by.lock().unwrap_or_else(|p| p.into_inner()) = Some(owner);
+        conn.stop.cancel();
+        let mut conns = self.conns();
+        if conns
+            .get(&conn.id)
+            .is_some_and(|c| std::ptr::eq(Arc::as_ptr(c), conn))
+        {
+            conns.remove(&conn.id);
+        }
+    }
+
+    /// Lets go of every local connection whose record now names another
+    /// instance (see [`Self::persist`]); returns how many. Run after each
+    /// heartbeat: a connection that stays up writes no record, so without
+    /// this check an instance back from a partition would keep talking to
+    /// the peer beside the one that took it over.
+    pub async fn let_go_of_lost(&self) -> Result<usize, ApiError> {
+        let owners: HashMap<String, String> = self
+            .records()
+            .await?
+            .into_iter()
+            .map(|(_, r)| (r.id, r.instance_id))
+            .collect();
+        let local: Vec<Arc<Conn>> = self.conns().values().cloned().collect();
+        let mut n = 0;
+        for c in local {
+            if let Some(owner) = owners.get(&c.id)
+                && *owner != self.instance
+            {
+                self.let_go(&c, owner.clone());
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Writes every local record again (after the api came back).
@@ -448,6 +527,27 @@ impl Shared {
     /// Startup: a state write/read round trip (the readiness gate) and the
     /// heartbeat record.
     pub async fn heartbeat(&self) -> Result<(), String> {
+        let result = self.heartbeat_once().await;
+        let now = std::time::Instant::now();
+        let mut beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        match &result {
+            Ok(()) => {
+                // A call that hung through an outage succeeds late: that
+                // gap counts as a failure.
+                let gap = beats
+                    .last_ok
+                    .is_none_or(|t| now - t > self.config.heartbeat_interval * 2);
+                if gap || beats.ok_since.is_none() {
+                    beats.ok_since = Some(now);
+                }
+                beats.last_ok = Some(now);
+            }
+            Err(_) => beats.ok_since = None,
+        }
+        result
+    }
+
+    async fn heartbeat_once(&self) -> Result<(), String> {
         let hb = Heartbeat {
             last_seen_ms: now_ms(),
         };
@@ -503,10 +603,18 @@ impl Shared {
     }
 
     /// Takes over connections whose instance has been silent for longer
-    /// than the grace period. The record's etag makes the take-over safe
-    /// against other instances doing the same.
+    /// than the grace period, while this instance's own heartbeats have
+    /// been succeeding for longer than it. The record's etag makes the
+    /// take-over safe against other instances doing the same.
     pub async fn reclaim(self: &Arc<Self>) -> Result<usize, ApiError> {
         let all = self.api.get_all(SERVICE).await.map_err(client_error)?;
+        // Another instance's silence is only evidence of its death if this
+        // one could have heard it: its own heartbeats must have worked for
+        // the whole grace, and still do (checked after the read, which
+        // may itself have hung through an outage).
+        if !self.store_worked_for(self.config.reclaim_after) {
+            return Ok(0);
+        }
         let seen: HashMap<String, u64> = all
             .iter()
             .filter_map(|(k, v)| {
@@ -552,6 +660,14 @@ impl Shared {
             }
         }
         Ok(taken)
+    }
+
+    fn store_worked_for(&self, grace: Duration) -> bool {
+        let beats = self.beats.lock().unwrap_or_else(|p| p.into_inner());
+        beats
+            .last_ok
+            .is_some_and(|t| t.elapsed() <= self.config.heartbeat_interval * 2)
+            && beats.ok_since.is_some_and(|t| t.elapsed() > grace)
     }
 
     /// Waits for every connection actor (after shutdown).

@@ -530,6 +530,162 @@ async fn connections_of_a_vanished_instance_are_reclaimed() {
     api.stop().await;
 }
 
+/// Two hosts, each a websocketmanager with its own api on one Valkey.
+/// Host a is cut off from the store (its api stops) longer than the
+/// reclaim grace while its connection to the peer stays up: b takes the
+/// connection over. Once a reaches the store again it must let go, not
+/// write the record back as its own, so the peer keeps one connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_back_from_a_partition_lets_go_of_what_another_took_over() {
+    let valkey = ValkeyServer::start();
+    let api_a = Api::start(&valkey).await;
+    let api_b = Api::start(&valkey).await;
+    let peer = EchoPeer::start().await;
+    let mut status = subscribe(&api_b.client, STATUS, "partition-watch").await;
+    let quick = |api, name| {
+        let mut cfg = wsm_config(api, name);
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.reclaim_interval = Duration::from_millis(100);
+        cfg.reclaim_after = Duration::from_millis(600);
+        cfg
+    };
+    let a = Wsm::start_with(quick(api_a.addr, "a")).await;
+    let b = Wsm::start_with(quick(api_b.addr, "b")).await;
+    let mut ca = a.client().await;
+    let id = ca
+        .connect(connect(&peer.url(), true))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    assert_eq!(next_lifecycle(&mut status, &id).await.0, "connected");
+
+    // The partition: a's heartbeats stop reaching the store.
+    let (grpc, http) = api_a.stop().await;
+    let (kind, data) = next_lifecycle(&mut status, &id).await;
+    assert_eq!(kind, "connected", "{data}");
+    assert_eq!(data["instance_id"], "b", "{data}");
+    assert_eq!(data["reclaimed_from"], "a", "{data}");
+    // Until a hears of it, the peer has both (the documented window).
+    wait_until(|| async { peer.open_now() == 2 }).await;
+
+    // The heal: a lets go within a heartbeat and says who has it now.
+    let api_a = Api::start_on(&valkey, grpc, http).await;
+    let (kind, data) = next_lifecycle(&mut status, &id).await;
+    assert_eq!(kind, "disconnected", "{data}");
+    assert_eq!(data["instance_id"], "a", "{data}");
+    assert_eq!(data["reclaimed_by"], "b", "{data}");
+    wait_until(|| async { peer.open_now() == 1 }).await;
+    // The record is still b's, and b's connection works; a's own list
+    // shows it as b's.
+    let (rec, _) = api_b
+        .client
+        .get("websocketmanager", &format!("connections/{id}"))
+        .await
+        .unwrap()
+        .unwrap();
+    let rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
+    assert_eq!(rec["instance_id"], "b", "{rec}");
+    assert_eq!(rec["status"], "connected", "{rec}");
+    let mut cb = b.client().await;
+    let r = cb
+        .send(ws::SendRequest {
+            id: id.clone(),
+            message: "still one".into(),
+            timeout_ms: 2000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.response, "still one");
+    let listed = ca.list(ws::ListRequest {}).await.unwrap().into_inner();
+    assert!(
+        listed
+            .connections
+            .iter()
+            .any(|x| x.id == id && x.instance_id == "b"),
+        "{listed:?}"
+    );
+    a.stop().await;
+    b.stop().await;
+    api_a.stop().await;
+    api_b.stop().await;
+}
+
+/// A store outage longer than the reclaim grace (a failover, Valkey
+/// restarting) silences every instance's heartbeat at once; it is no
+/// host's death. Once the store is back, nobody takes anything over: a
+/// reclaim waits until its own heartbeats have worked for the grace, by
+/// which time the others' have too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_longer_than_the_grace_reclaims_nothing() {
+    let valkey = ValkeyServer::start();
+    let api_a = Api::start(&valkey).await;
+    let api_b = Api::start(&valkey).await;
+    let peer = EchoPeer::start().await;
+    let grace = Duration::from_millis(600);
+    let quick = |api, name| {
+        let mut cfg = wsm_config(api, name);
+        cfg.heartbeat_interval = Duration::from_millis(100);
+        cfg.reclaim_interval = Duration::from_millis(100);
+        cfg.reclaim_after = grace;
+        cfg
+    };
+    let a = Wsm::start_with(quick(api_a.addr, "a")).await;
+    let b = Wsm::start_with(quick(api_b.addr, "b")).await;
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    let id_a = ca
+        .connect(connect(&peer.url(), true))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let id_b = cb
+        .connect(connect(&peer.url(), true))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let health = |w: &Wsm| format!("http://{}/health", w.http);
+    let healthy = |url: String| async move {
+        reqwest::get(&url)
+            .await
+            .map(|r| r.status().as_u16() == 200)
+            .unwrap_or(false)
+    };
+    valkey.pause();
+    // Both notice (their state round trips fail), and stay cut off for
+    // more than twice the grace.
+    wait_until(|| {
+        let (ua, ub) = (health(&a), health(&b));
+        async move { !healthy(ua).await && !healthy(ub).await }
+    })
+    .await;
+    tokio::time::sleep(grace * 2).await;
+    valkey.resume();
+    wait_until(|| healthy(health(&a))).await;
+    wait_until(|| healthy(health(&b))).await;
+    // Several graces of reclaim checks on both sides (nothing to wait
+    // for: the assertion is that nothing happens).
+    tokio::time::sleep(grace * 4).await;
+    for (id, owner) in [(&id_a, "a"), (&id_b, "b")] {
+        let (rec, _) = api_a
+            .client
+            .get("websocketmanager", &format!("connections/{id}"))
+            .await
+            .unwrap()
+            .unwrap();
+        let rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
+        assert_eq!(rec["instance_id"], owner, "{rec}");
+    }
+    assert_eq!(peer.open_now(), 2);
+    a.stop().await;
+    b.stop().await;
+    api_a.stop().await;
+    api_b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_restart_loses_nothing_and_needs_no_restart_here() {
     let valkey = ValkeyServer::start();

@@ -695,6 +695,9 @@ impl Shared {
     ) -> Result<usize, ApiError> {
         let by = Origin::internal("recovery");
         let lease_etag = self.acquire_lease(progress).await?;
+        // Both ends are logged so that operators (and the multi-host test)
+        // can see from the journals that recoveries never overlapped.
+        tracing::info!(holder = %self.instance, "recovery lease taken");
         let result = async {
             let mut n = 0;
             let mine: Vec<_> = self
@@ -715,7 +718,13 @@ impl Shared {
             Ok::<_, ApiError>(n)
         }
         .await;
-        let _ = self.api.delete(SERVICE, LEASE_KEY, &lease_etag).await;
+        match self.api.delete(SERVICE, LEASE_KEY, &lease_etag).await {
+            Ok(_) => tracing::info!(holder = %self.instance, "recovery lease released"),
+            // It expires by itself (VIRTUFIN_WM_RECOVERY_LEASE).
+            Err(e) => {
+                tracing::warn!(holder = %self.instance, error = %e, "recovery lease not released")
+            }
+        }
         if let Ok(n) = &result {
             tracing::info!(recovered = n, "workers recovered");
         }

@@ -69,6 +69,9 @@ struct Tally {
     events_failed: u64,
     /// n -> deliveries, per audited topic.
     delivered: BTreeMap<&'static str, BTreeMap<u64, u64>>,
+    /// Deliveries per CloudEvent `source`, per audited topic (which
+    /// workmanager instance answered, when a worker names its host there).
+    by_source: BTreeMap<&'static str, BTreeMap<String, u64>>,
     /// Longest time without an acknowledged write.
     longest_write_gap: Duration,
     longest_event_gap: Duration,
@@ -213,6 +216,7 @@ async fn main() -> anyhow::Result<()> {
             "lost": lost.len(),
             "lost_examples": lost.iter().take(10).collect::<Vec<_>>(),
             "duplicates": duplicates,
+            "by_source": t.by_source.get(topic).cloned().unwrap_or_default(),
         })
     };
     let report = json!({
@@ -335,12 +339,12 @@ async fn audit(
                         .parse::<u64>()
                         .ok();
                     if let Some(n) = n {
-                        *shared
-                            .tally()
-                            .delivered
+                        let mut t = shared.tally();
+                        *t.delivered.entry(topic).or_default().entry(n).or_default() += 1;
+                        *t.by_source
                             .entry(topic)
                             .or_default()
-                            .entry(n)
+                            .entry(ev.source.clone())
                             .or_default() += 1;
                     }
                     let ack = SubscribeTopicEventsRequest {

@@ -218,7 +218,18 @@ pub async fn next_lifecycle(
 /// A Rust WebSocket peer (tokio-tungstenite) that echoes every frame.
 pub struct EchoPeer {
     pub port: u16,
+    /// WebSocket connections open right now.
+    pub open: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     stop: CancellationToken,
+}
+
+/// Counts one open connection for as long as it lives.
+struct OpenGuard(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl EchoPeer {
@@ -226,11 +237,12 @@ impl EchoPeer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let stop = CancellationToken::new();
-        let s = stop.clone();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, counter) = (stop.clone(), open.clone());
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = tokio::select! { _ = s.cancelled() => return, a = listener.accept() => a.unwrap() };
-                let s = s.clone();
+                let (s, counter) = (s.clone(), counter.clone());
                 tokio::spawn(async move {
                     let cfg = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
                         .max_message_size(None)
@@ -240,6 +252,8 @@ impl EchoPeer {
                     else {
                         return;
                     };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _open = OpenGuard(counter);
                     loop {
                         let m = tokio::select! { _ = s.cancelled() => return, m = ws.next() => m };
                         match m {
@@ -255,7 +269,11 @@ impl EchoPeer {
                 });
             }
         });
-        Self { port, stop }
+        Self { port, open, stop }
+    }
+
+    pub fn open_now(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn url(&self) -> String {
