@@ -191,3 +191,76 @@ async fn an_instance_that_joins_does_not_take_what_another_holds() {
     b.stop().await;
     s.api_stop.cancel();
 }
+
+/// Two instances restarting at once (a fleet-wide upgrade, a power cut of
+/// both) recover their own workers one after the other: the recovery lease
+/// has one holder at a time, as the journal's lease lines show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_restarting_at_once_recover_one_at_a_time() {
+    virtufin_testkit::logs::capture();
+    let s = long_processing_stack().await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = host(&s, "lease-a", &dir_a).await;
+    let mut b = host(&s, "lease-b", &dir_b).await;
+    // Three workers on each: a recovery starts three Python processes,
+    // long enough for the two to meet.
+    for (w, name) in [(&mut a, "a"), (&mut b, "b")] {
+        for i in 0..3 {
+            let id = w
+                .client
+                .create_worker(create(ECHO_PID, &format!("lease-{name}{i}"), &[]))
+                .await
+                .unwrap()
+                .into_inner()
+                .id;
+            w.client
+                .start_worker(pb::StartWorkerRequest { id })
+                .await
+                .unwrap();
+        }
+    }
+    let lease_lines = || {
+        virtufin_testkit::logs::lines_with(&["recovery lease"])
+            .into_iter()
+            .filter(|l| l.contains("holder=lease-"))
+            .collect::<Vec<_>>()
+    };
+    let before = lease_lines().len();
+    a.stop().await;
+    b.stop().await;
+    let (a, b) = tokio::join!(host(&s, "lease-a", &dir_a), host(&s, "lease-b", &dir_b));
+    let lines = lease_lines();
+    let steps: Vec<(&str, &str)> = lines[before..]
+        .iter()
+        .map(|l| {
+            let what = if l.contains("recovery lease taken") {
+                "taken"
+            } else {
+                "released"
+            };
+            let holder = if l.contains("holder=lease-a") {
+                "lease-a"
+            } else {
+                "lease-b"
+            };
+            (what, holder)
+        })
+        .collect();
+    assert_eq!(steps.len(), 4, "{lines:#?}");
+    let (first, second) = (steps[0].1, steps[2].1);
+    assert_ne!(first, second, "{steps:?}");
+    assert_eq!(
+        steps,
+        [
+            ("taken", first),
+            ("released", first),
+            ("taken", second),
+            ("released", second)
+        ],
+        "one holder at a time"
+    );
+    for w in [a, b] {
+        w.stop().await;
+    }
+    s.api_stop.cancel();
+}
