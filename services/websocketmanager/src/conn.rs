@@ -200,6 +200,15 @@ async fn connect(shared: &Shared, url: &str) -> Result<Ws, (&'static str, String
     }
 }
 
+/// A lifecycle event's extra field `key`, from a value said only once.
+fn said_once(key: &str, value: &Mutex<Option<String>>) -> Map<String, Value> {
+    let mut extra = Map::new();
+    if let Some(v) = value.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        extra.insert(key.into(), v.into());
+    }
+    extra
+}
+
 /// The connection's actor. `first` hears the outcome of the first attempt.
 pub async fn run(
     shared: Arc<Shared>,
@@ -224,15 +233,7 @@ pub async fn run(
             Ok(ws) => {
                 conn.status.send_replace(Status::Connected);
                 shared.persist(&conn).await;
-                let mut extra = Map::new();
-                if let Some(from) = conn
-                    .reclaimed_from
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-                {
-                    extra.insert("reclaimed_from".into(), from.into());
-                }
+                let extra = said_once("reclaimed_from", &conn.reclaimed_from);
                 shared.lifecycle(&conn, "connected", extra).await;
                 if let Some(f) = first.take() {
                     let _ = f.send(FirstAttempt {
@@ -316,15 +317,7 @@ pub async fn run(
             // Disconnect removes it.
             shared.persist(&conn).await;
         }
-        let mut extra = Map::new();
-        if let Some(by) = conn
-            .taken_by
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            extra.insert("reclaimed_by".into(), by.into());
-        }
+        let extra = said_once("reclaimed_by", &conn.taken_by);
         shared.lifecycle(&conn, "disconnected", extra).await;
     }
     conn.finished.send_replace(true);

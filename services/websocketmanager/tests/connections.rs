@@ -530,6 +530,40 @@ async fn connections_of_a_vanished_instance_are_reclaimed() {
     api.stop().await;
 }
 
+/// The reclaim grace of the two-host tests (heartbeats and checks every
+/// 100 ms).
+const GRACE: Duration = Duration::from_millis(600);
+
+fn quick_reclaim(
+    api: std::net::SocketAddr,
+    name: &str,
+    grace: Duration,
+) -> virtufin_websocketmanager::Config {
+    let mut cfg = wsm_config(api, name);
+    cfg.heartbeat_interval = Duration::from_millis(100);
+    cfg.reclaim_interval = Duration::from_millis(100);
+    cfg.reclaim_after = grace;
+    cfg
+}
+
+/// The stored record of connection `id`.
+async fn record(api: &Api, id: &str) -> serde_json::Value {
+    let (rec, _) = api
+        .client
+        .get("websocketmanager", &format!("connections/{id}"))
+        .await
+        .unwrap()
+        .unwrap();
+    serde_json::from_str(&rec).unwrap()
+}
+
+async fn stop_two_hosts(a: Wsm, b: Wsm, api_a: Api, api_b: Api) {
+    a.stop().await;
+    b.stop().await;
+    api_a.stop().await;
+    api_b.stop().await;
+}
+
 /// Two hosts, each a websocketmanager with its own api on one Valkey.
 /// Host a is cut off from the store (its api stops) longer than the
 /// reclaim grace while its connection to the peer stays up: b takes the
@@ -542,15 +576,8 @@ async fn an_instance_back_from_a_partition_lets_go_of_what_another_took_over() {
     let api_b = Api::start(&valkey).await;
     let peer = EchoPeer::start().await;
     let mut status = subscribe(&api_b.client, STATUS, "partition-watch").await;
-    let quick = |api, name| {
-        let mut cfg = wsm_config(api, name);
-        cfg.heartbeat_interval = Duration::from_millis(100);
-        cfg.reclaim_interval = Duration::from_millis(100);
-        cfg.reclaim_after = Duration::from_millis(600);
-        cfg
-    };
-    let a = Wsm::start_with(quick(api_a.addr, "a")).await;
-    let b = Wsm::start_with(quick(api_b.addr, "b")).await;
+    let a = Wsm::start_with(quick_reclaim(api_a.addr, "a", GRACE)).await;
+    let b = Wsm::start_with(quick_reclaim(api_b.addr, "b", GRACE)).await;
     let mut ca = a.client().await;
     let id = ca
         .connect(connect(&peer.url(), true))
@@ -578,13 +605,7 @@ async fn an_instance_back_from_a_partition_lets_go_of_what_another_took_over() {
     wait_until(|| async { peer.open_now() == 1 }).await;
     // The record is still b's, and b's connection works; a's own list
     // shows it as b's.
-    let (rec, _) = api_b
-        .client
-        .get("websocketmanager", &format!("connections/{id}"))
-        .await
-        .unwrap()
-        .unwrap();
-    let rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
+    let rec = record(&api_b, &id).await;
     assert_eq!(rec["instance_id"], "b", "{rec}");
     assert_eq!(rec["status"], "connected", "{rec}");
     let mut cb = b.client().await;
@@ -607,10 +628,7 @@ async fn an_instance_back_from_a_partition_lets_go_of_what_another_took_over() {
             .any(|x| x.id == id && x.instance_id == "b"),
         "{listed:?}"
     );
-    a.stop().await;
-    b.stop().await;
-    api_a.stop().await;
-    api_b.stop().await;
+    stop_two_hosts(a, b, api_a, api_b).await;
 }
 
 /// A store outage longer than the reclaim grace (a failover, Valkey
@@ -624,16 +642,9 @@ async fn a_store_outage_longer_than_the_grace_reclaims_nothing() {
     let api_a = Api::start(&valkey).await;
     let api_b = Api::start(&valkey).await;
     let peer = EchoPeer::start().await;
-    let grace = Duration::from_millis(600);
-    let quick = |api, name| {
-        let mut cfg = wsm_config(api, name);
-        cfg.heartbeat_interval = Duration::from_millis(100);
-        cfg.reclaim_interval = Duration::from_millis(100);
-        cfg.reclaim_after = grace;
-        cfg
-    };
-    let a = Wsm::start_with(quick(api_a.addr, "a")).await;
-    let b = Wsm::start_with(quick(api_b.addr, "b")).await;
+    let grace = GRACE;
+    let a = Wsm::start_with(quick_reclaim(api_a.addr, "a", GRACE)).await;
+    let b = Wsm::start_with(quick_reclaim(api_b.addr, "b", GRACE)).await;
     let (mut ca, mut cb) = (a.client().await, b.client().await);
     let id_a = ca
         .connect(connect(&peer.url(), true))
@@ -670,20 +681,11 @@ async fn a_store_outage_longer_than_the_grace_reclaims_nothing() {
     // for: the assertion is that nothing happens).
     tokio::time::sleep(grace * 4).await;
     for (id, owner) in [(&id_a, "a"), (&id_b, "b")] {
-        let (rec, _) = api_a
-            .client
-            .get("websocketmanager", &format!("connections/{id}"))
-            .await
-            .unwrap()
-            .unwrap();
-        let rec: serde_json::Value = serde_json::from_str(&rec).unwrap();
+        let rec = record(&api_a, id).await;
         assert_eq!(rec["instance_id"], owner, "{rec}");
     }
     assert_eq!(peer.open_now(), 2);
-    a.stop().await;
-    b.stop().await;
-    api_a.stop().await;
-    api_b.stop().await;
+    stop_two_hosts(a, b, api_a, api_b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
