@@ -67,15 +67,9 @@ fn status(e: &ClientError) -> Code {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn follows_a_failover_and_keeps_what_replicas_confirmed() {
-    let primary = ValkeyServer::start();
-    let replica = ValkeyServer::start_replica_of(&primary);
-    in_sync(&primary, &replica).await;
-    let down_after = Duration::from_millis(500);
-    let sentinels: Vec<Sentinel> = (0..3)
-        .map(|_| Sentinel::start(&primary, "virtufin", 2, down_after))
-        .collect();
+/// An api configuration on Valkey through these Sentinels (primary
+/// `virtufin`).
+fn through(sentinels: &[Sentinel]) -> virtufin_api::Config {
     let url = format!(
         "redis+sentinel://{}/virtufin",
         sentinels
@@ -87,6 +81,19 @@ async fn follows_a_failover_and_keeps_what_replicas_confirmed() {
     let mut config = common::test_config();
     config.backend = Some(BackendKind::Valkey);
     config.valkey_url = Some(url);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_a_failover_and_keeps_what_replicas_confirmed() {
+    let primary = ValkeyServer::start();
+    let replica = ValkeyServer::start_replica_of(&primary);
+    in_sync(&primary, &replica).await;
+    let down_after = Duration::from_millis(500);
+    let sentinels: Vec<Sentinel> = (0..3)
+        .map(|_| Sentinel::start(&primary, "virtufin", 2, down_after))
+        .collect();
+    let mut config = through(&sentinels);
     config.valkey_min_replicas = 1;
     // A replica that acknowledges answers WAIT at once; the bound only
     // matters when none does (the UNAVAILABLE case below), so it can be
@@ -212,18 +219,7 @@ async fn a_silent_primary_and_sentinel_are_left_in_bounded_time() {
         .map(|_| Sentinel::start(&primary, "virtufin", 2, Duration::from_millis(500)))
         .collect();
     sentinels_know_each_other(&sentinels, 2).await;
-    let url = format!(
-        "redis+sentinel://{}/virtufin",
-        sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    let mut config = common::test_config();
-    config.backend = Some(BackendKind::Valkey);
-    config.valkey_url = Some(url);
-    let api = common::start_config(config, None).await;
+    let api = common::start_config(through(&sentinels), None).await;
     common::ready(&api).await;
     api.client.save("svc", "k", "one", "").await.unwrap();
 

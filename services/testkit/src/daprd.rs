@@ -273,17 +273,18 @@ impl Daprd {
         self.spawn();
     }
 
-    /// Freezes (SIGSTOP) or thaws (SIGCONT) daprd: it keeps its sockets
-    /// open but answers nothing.
-    pub fn signal(&self, signal: &str) {
+    /// Freezes daprd (SIGSTOP): it keeps its sockets open but answers
+    /// nothing.
+    pub fn pause(&self) {
         if let Some(c) = &self.child {
-            let ok = Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(c.id().to_string())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            assert!(ok, "kill -{signal} daprd");
+            crate::signal(c.id(), "-STOP");
+        }
+    }
+
+    /// Lets a paused daprd run again (SIGCONT).
+    pub fn resume(&self) {
+        if let Some(c) = &self.child {
+            crate::signal(c.id(), "-CONT");
         }
     }
 }

@@ -296,7 +296,7 @@ impl Sentinel {
 }
 
 /// Sends `sig` (kill(1)'s spelling, e.g. `-STOP`) to process `pid`.
-fn signal(pid: u32, sig: &str) {
+pub(crate) fn signal(pid: u32, sig: &str) {
     let sent = Command::new("kill")
         .arg(sig)
         .arg(pid.to_string())

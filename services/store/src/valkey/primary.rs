@@ -159,7 +159,8 @@ impl Primary {
             .set_connection_timeout(Some(options.response_timeout))
             .set_response_timeout(Some(options.response_timeout))
             .set_max_delay(Duration::from_secs(2));
-        if parse_sentinel_url(&options.url).is_some() {
+        let sentinel_url = parse_sentinel_url(&options.url);
+        if sentinel_url.is_some() {
             // With Sentinel, a primary that cannot be reached is Sentinel's
             // to replace: one more try, then the error, and the next command
             // asks Sentinel (follow). redis-rs' default, six tries with
@@ -168,7 +169,7 @@ impl Primary {
             config = config.set_number_of_retries(1);
         }
         let invalid = |e: String| StoreError::Backend(format!("invalid Valkey URL: {e}"));
-        let sentinel = match parse_sentinel_url(&options.url) {
+        let sentinel = match sentinel_url {
             None => None,
             Some(parsed) => {
                 let url = parsed.map_err(invalid)?;
