@@ -12,8 +12,6 @@
 # Valkey's documented trade-off, not ours (README, "Beyond one machine").
 
 chaos_key=chain-admin-key-0123456789
-# Milliseconds since an arbitrary point (the host's monotonic clock).
-now_ms() { python3 -c 'import time; print(int(time.monotonic() * 1000))'; }
 chaos_write_ok() { in_ct virtufin --api-key "$chaos_key" state set chaos-probe probe ok >/dev/null 2>&1; }
 chaos_subscribed() {
   in_ct python3 -c 'import json, sys, urllib.request
@@ -123,24 +121,6 @@ print("pid " + " ".join(hit) if hit else "")' "$cworker" || true)
   check "the load settled and reported" test "$done_" = 0
   local report
   report=$(in_ct cat /tmp/chaos.json || true)
-  check "acknowledged = readable / delivered / answered: 0 lost (duplicates counted)" python3 -c '
-import json, sys
-try:
-    r = json.loads(sys.argv[1].strip().splitlines()[-1])
-except Exception:
-    print("   no report: %r" % sys.argv[1][:300]); sys.exit(1)
-w, e = r["writes"], r["events"]
-d, a = e["delivered"], e["answered"]
-print("   writes: %d acknowledged (%d not), %d lost %s, longest gap %d ms" % (
-    w["acknowledged"], w["not_acknowledged"], w["lost"], w["lost_examples"], w["longest_gap_ms"]))
-print("   events: %d acknowledged (%d not), longest gap %d ms" % (
-    e["acknowledged"], e["not_acknowledged"], e["longest_gap_ms"]))
-print("   delivered to the audit group: %d unique, %d lost %s, %d duplicates" % (
-    d["delivered_unique"], d["lost"], d["lost_examples"], d["duplicates"]))
-print("   answered by the worker: %d unique, %d lost %s, %d duplicates" % (
-    a["delivered_unique"], a["lost"], a["lost_examples"], a["duplicates"]))
-print("   settled %d ms after the load stopped" % r["settled_in_ms"])
-ok = w["acknowledged"] > 0 and e["acknowledged"] > 0 and w["lost"] == 0 and d["lost"] == 0 and a["lost"] == 0
-sys.exit(0 if ok else 1)
-' "$report"
+  check "acknowledged = readable / delivered / answered: 0 lost (duplicates counted)" \
+    python3 checks/chain/chaos_report.py "$report"
 }

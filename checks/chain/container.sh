@@ -18,6 +18,15 @@ PACKAGES=systemd,systemd-sysv,dbus,valkey-server,ca-certificates,python3,python3
 BASE=$CACHE/base-trixie-$(echo "$PACKAGES" | md5sum | cut -c1-8)
 MIRROR=${VIRTUFIN_CHAIN_MIRROR:-http://deb.debian.org/debian}
 
+# Reporting, for the tests that source this file (they set passes=0 and
+# failures=0).
+say() { printf '== %s\n' "$*"; }
+pass() { printf 'PASS  %s\n' "$*"; passes=$((passes + 1)); }
+fail() { printf 'FAIL  %s\n' "$*"; failures=$((failures + 1)); }
+check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
+# Milliseconds since an arbitrary point (the host's monotonic clock).
+now_ms() { python3 -c 'import time; print(int(time.monotonic() * 1000))'; }
+
 apt_updated=""
 need() {
   command -v "$1" >/dev/null && return 0

@@ -69,11 +69,6 @@ UNITS="virtufin-api virtufin-websocketmanager virtufin-workmanager"
 failures=0
 passes=0
 
-say() { printf '== %s\n' "$*"; }
-pass() { printf 'PASS  %s\n' "$*"; passes=$((passes + 1)); }
-fail() { printf 'FAIL  %s\n' "$*"; failures=$((failures + 1)); }
-check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
-
 command -v cargo-deb >/dev/null || { say "installing cargo-deb"; cargo install --locked --quiet cargo-deb; }
 
 say "building release binaries and the .deb"

@@ -50,11 +50,6 @@ PEER="$NET.1:9100"
 RECLAIM_AFTER=8
 failures=0
 passes=0
-say() { printf '== %s\n' "$*"; }
-pass() { printf 'PASS  %s\n' "$*"; passes=$((passes + 1)); }
-fail() { printf 'FAIL  %s\n' "$*"; failures=$((failures + 1)); }
-check() { local what=$1; shift; if "$@"; then pass "$what"; else fail "$what"; fi; }
-now_ms() { python3 -c 'import time; print(int(time.monotonic() * 1000))'; }
 
 declare -A LEADERS NSPAWNS
 PEER_PID=""
@@ -174,7 +169,6 @@ wait_for() { # $1: tenths of a second; $2...: the check
   for _ in $(seq "$n"); do "$@" && return 0; sleep 0.1; done
   return 1
 }
-api_ready() { [ "$(on "$1" systemctl show -P StatusText virtufin-api)" = "virtufin-api ready" ]; }
 unit_ready() { [ "$(on "$1" systemctl show -P StatusText "$2")" = "$2 ready" ]; }
 # The peer's established TCP connections, as "host count" lines (h2 1).
 peer_conns() {
@@ -250,7 +244,7 @@ for h in "${HOSTS[@]}"; do
   check "h$h's Sentinel names $NET.11 the primary" wait_for 300 sentinel_names "$h" "$NET.11"
 done
 for h in "${HOSTS[@]}"; do
-  check "h$h's api is ready on the Sentinel-managed Valkey" wait_for 300 api_ready "$h"
+  check "h$h's api is ready on the Sentinel-managed Valkey" wait_for 300 unit_ready "$h" virtufin-api
 done
 
 say "load: virtufin-chaosload on h1, one Python worker on all three hosts, two WebSocket connections"
@@ -320,7 +314,7 @@ fi
 check "the peer holds the reclaimed connection from its new owner" wait_for 100 ws_consistent
 start_host "$victim"
 check "h$victim boots again and its Valkey rejoins as a replica" wait_for 300 primary_has_replicas 2
-check "h$victim's api is ready again" wait_for 300 api_ready "$victim"
+check "h$victim's api is ready again" wait_for 300 unit_ready "$victim" virtufin-api
 check "h$victim's websocketmanager is ready again" wait_for 300 unit_ready "$victim" virtufin-websocketmanager
 # Ready means its restore is done: it restored nothing it no longer owns.
 check "h$victim does not take its reclaimed connection back" ws_consistent
@@ -408,28 +402,8 @@ on 1 sh -c 'kill -TERM $(cat /tmp/chaos.pid)'
 wait_for 1200 sh -c "nsenter -t ${LEADERS[1]} -a test -s /tmp/chaos.json" || true
 report=$(on 1 cat /tmp/chaos.json || true)
 echo "$report"
-python3 - "$report" <<'PY' || failures=$((failures + 1))
-import json, sys
-try:
-    r = json.loads(sys.argv[1].strip().splitlines()[-1])
-except (ValueError, IndexError):
-    print("FAIL  no report from virtufin-chaosload: %r" % sys.argv[1][:300]); sys.exit(1)
-w, e = r["writes"], r["events"]
-d, a = e["delivered"], e["answered"]
-print("   writes: %d acknowledged (%d not), %d lost %s, longest gap %d ms" % (
-    w["acknowledged"], w["not_acknowledged"], w["lost"], w["lost_examples"], w["longest_gap_ms"]))
-print("   events: %d acknowledged (%d not), longest gap %d ms" % (
-    e["acknowledged"], e["not_acknowledged"], e["longest_gap_ms"]))
-print("   delivered: %d, %d lost %s, %d duplicates" % (d["delivered_unique"], d["lost"], d["lost_examples"], d["duplicates"]))
-print("   answered:  %d, %d lost %s, %d duplicates" % (a["delivered_unique"], a["lost"], a["lost_examples"], a["duplicates"]))
-by = {k.rsplit(":", 1)[-1]: v for k, v in a.get("by_source", {}).items()}
-print("   answers by host: %s" % ", ".join("%s %d" % kv for kv in sorted(by.items())))
-ok = w["acknowledged"] > 0 and e["acknowledged"] > 0 and w["lost"] == 0 and d["lost"] == 0 and a["lost"] == 0
-print(("PASS" if ok else "FAIL") + "  acknowledged = readable / delivered / answered: 0 lost (duplicates counted)")
-spread = all(by.get(h, 0) > 0 for h in ("h1", "h2", "h3"))
-print(("PASS" if spread else "FAIL") + "  the worker's events spread over the three hosts' workmanagers")
-sys.exit(0 if ok and spread else 1)
-PY
+check "acknowledged = readable / delivered / answered: 0 lost (duplicates counted); answers from each host" \
+  python3 checks/chain/chaos_report.py --hosts h1,h2,h3 "$report"
 
 echo "multihost: $passes passed, $failures failed"
 [ "$failures" = 0 ]
