@@ -109,6 +109,22 @@ impl Config {
         if self.reconnect_max_delay < self.reconnect_base_delay {
             return Err("VIRTUFIN_WS_RECONNECT_MAX_DELAY must not be below VIRTUFIN_WS_RECONNECT_BASE_DELAY".into());
         }
+        if self.heartbeat_interval.is_zero() || self.reclaim_interval.is_zero() {
+            return Err(
+                "VIRTUFIN_WS_HEARTBEAT_INTERVAL and VIRTUFIN_WS_RECLAIM_INTERVAL must be above 0"
+                    .into(),
+            );
+        }
+        // A live instance's record is up to a heartbeat interval old, and a
+        // take-over needs heartbeats without a gap of two intervals: a grace
+        // below that would take connections from live instances.
+        if self.reclaim_after <= self.heartbeat_interval * 2 {
+            return Err(format!(
+                "VIRTUFIN_WS_RECLAIM_AFTER ({:?}) must be more than twice VIRTUFIN_WS_HEARTBEAT_INTERVAL ({:?}): \
+                 otherwise connections of live instances would be taken over",
+                self.reclaim_after, self.heartbeat_interval
+            ));
+        }
         self.link.client().map(|_| ())
     }
 }

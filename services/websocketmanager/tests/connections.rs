@@ -492,9 +492,7 @@ async fn connections_of_a_vanished_instance_are_reclaimed() {
         .await
         .unwrap();
     let mut status = subscribe(&api.client, STATUS, "reclaim-watch").await;
-    let mut cfg = wsm_config(api.addr, "heir");
-    cfg.reclaim_interval = Duration::from_millis(100);
-    cfg.reclaim_after = Duration::from_millis(300);
+    let cfg = quick_reclaim(api.addr, "heir", Duration::from_millis(300));
     let wsm = Wsm::start_with(cfg).await;
     // The take-over says so: the first `connected` names the old owner.
     let (kind, data) = next_lifecycle(&mut status, "ghost-1").await;

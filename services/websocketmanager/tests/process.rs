@@ -101,8 +101,18 @@ async fn bad_settings_exit_1_naming_the_setting() {
         ("VIRTUFIN_API_GRPC_PORT", "http"),
         ("VIRTUFIN_WS_SEND_TIMEOUT", "forever"),
         ("ASPNETCORE_URLS", "ftp://x"),
+        ("VIRTUFIN_WS_HEARTBEAT_INTERVAL", "0s"),
+        // Twice the default 10 s heartbeat: live instances would look gone.
+        ("VIRTUFIN_WS_RECLAIM_AFTER", "20s"),
     ] {
-        let out = Command::new(BIN).env(k, v).output().await.unwrap();
+        // Bounded: a setting that is not refused starts the service.
+        let out = tokio::time::timeout(
+            common::WAIT,
+            Command::new(BIN).env(k, v).kill_on_drop(true).output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{k}={v} was not refused: the service started"))
+        .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{k}={v}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{err}");
